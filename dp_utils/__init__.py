@@ -1,0 +1,21 @@
+"""dp_utils: DP-SGD for Diffusion Transformers with exact, fast per-example clipping."""
+
+from opacus.utils.batch_memory_manager import BatchMemoryManager
+
+from .engine import ClippingEngine, UnsupportedModuleError
+from .groups import RowGroups
+from .losses import DPCriterion, DPLoss, per_sample_mse
+from .privacy import GRAD_SAMPLE_MODES, PrivacyEngine, make_private
+
+__all__ = [
+    "BatchMemoryManager",
+    "ClippingEngine",
+    "DPCriterion",
+    "DPLoss",
+    "GRAD_SAMPLE_MODES",
+    "PrivacyEngine",
+    "RowGroups",
+    "UnsupportedModuleError",
+    "make_private",
+    "per_sample_mse",
+]

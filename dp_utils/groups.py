@@ -1,0 +1,74 @@
+"""Which batch rows belong to which privacy unit (example).
+
+Noise multiplicity feeds K noisy copies of one image through the model; the K rows are one example and must be
+clipped as one: its gradient is the sum over its rows, and its norm the norm of that sum.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class RowGroups:
+    """Maps the B rows of a batch to E examples; the identity when every row is its own example."""
+
+    def __init__(self, group_ids: torch.Tensor | None, num_rows: int, multiplicity: int = 1):
+        if group_ids is not None and multiplicity != 1:
+            raise ValueError("Give either group_ids or a multiplicity, not both.")
+        self.num_rows = num_rows
+        self._contiguous = None  # K when rows i*K..i*K+K-1 form example i (no copy needed to group them)
+        if group_ids is None:
+            if num_rows % multiplicity:
+                raise ValueError(
+                    f"The batch has {num_rows} rows, not a multiple of the noise multiplicity {multiplicity}: "
+                    f"repeat every example exactly {multiplicity} times, consecutively."
+                )
+            self._contiguous = multiplicity
+            self.num_examples = num_rows // multiplicity
+            self.row_to_example = None
+            return
+        group_ids = torch.as_tensor(group_ids)
+        if group_ids.shape != (num_rows,):
+            raise ValueError(f"group_ids must have shape ({num_rows},), one id per row; got {tuple(group_ids.shape)}.")
+        unique, row_to_example = torch.unique(group_ids, return_inverse=True)
+        self.num_examples = len(unique)
+        self.row_to_example = row_to_example  # (B,) example index in 0..E-1
+        counts = torch.bincount(row_to_example, minlength=self.num_examples)
+        self._max_rows = int(counts.max()) if num_rows else 0
+        # position of each row inside its example, for the padded (E, K_max, ...) layout
+        order = torch.argsort(row_to_example, stable=True)
+        starts = torch.cumsum(counts, 0) - counts
+        position = torch.empty_like(row_to_example)
+        position[order] = torch.arange(num_rows) - starts[row_to_example[order]]
+        self._position = position
+
+    @property
+    def is_identity(self) -> bool:
+        return self._contiguous == 1
+
+    def tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, ...) -> (E, K*T, ...): an example's rows laid end to end along the token axis.
+
+        Padding rows (unequal group sizes) are zeros, which add nothing to Gram matrices or gradients.
+        """
+        if self._contiguous is not None:
+            k = self._contiguous
+            return x if k == 1 else x.reshape(self.num_examples, k * x.shape[1], *x.shape[2:])
+        padded = x.new_zeros(self.num_examples, self._max_rows, *x.shape[1:])
+        idx = (self.row_to_example.to(x.device), self._position.to(x.device))
+        padded[idx] = x
+        return padded.reshape(self.num_examples, self._max_rows * x.shape[1], *x.shape[2:])
+
+    def sum_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, ...) -> (E, ...): per-example sums of per-row quantities."""
+        if self._contiguous is not None:
+            k = self._contiguous
+            return x if k == 1 else x.reshape(self.num_examples, k, *x.shape[1:]).sum(1)
+        out = x.new_zeros(self.num_examples, *x.shape[1:])
+        return out.index_add_(0, self.row_to_example.to(x.device), x)
+
+    def expand(self, per_example: torch.Tensor) -> torch.Tensor:
+        """(E,) -> (B,): each row gets its example's value."""
+        if self._contiguous is not None:
+            return per_example.repeat_interleave(self._contiguous)
+        return per_example[self.row_to_example.to(per_example.device)]

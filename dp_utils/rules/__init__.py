@@ -1,0 +1,35 @@
+"""Per-layer rules of the clipping engine: one table, layer type -> (norm rule, clipped-gradient rule).
+
+Each rule sees every call of a module in one forward as a (layer input, gradient of layer output) pair:
+- norm_sq(module, calls, groups) -> (E,) fp32 squared norms of each example's gradient of the module's
+  trainable parameters, summed over calls and over the example's rows;
+- clipped_grads(module, calls, coef) -> {param name: sum_b coef_b * grad_b}, coef (B,) the per-row clip factor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import nn
+
+from .conv2d import conv2d_clipped_grads, conv2d_norm_sq, conv2d_unsupported
+from .embedding import embedding_clipped_grads, embedding_norm_sq, embedding_unsupported
+from .linear import linear_clipped_grads, linear_norm_sq
+from .norm import affine_clipped_grads, affine_norm_sq
+
+
+@dataclass(frozen=True)
+class LayerRule:
+    norm_sq: Callable
+    clipped_grads: Callable
+    unsupported: Callable[[nn.Module], str | None] = lambda module: None  # why a configuration is not covered
+
+
+RULES: dict[type, LayerRule] = {
+    nn.Linear: LayerRule(linear_norm_sq, linear_clipped_grads),
+    nn.Conv2d: LayerRule(conv2d_norm_sq, conv2d_clipped_grads, conv2d_unsupported),
+    nn.Embedding: LayerRule(embedding_norm_sq, embedding_clipped_grads, embedding_unsupported),
+    nn.LayerNorm: LayerRule(affine_norm_sq, affine_clipped_grads),
+    nn.GroupNorm: LayerRule(affine_norm_sq, affine_clipped_grads),
+}

@@ -1,0 +1,58 @@
+"""nn.Linear: per-example norms by the ghost norm or by instantiation, whichever is cheaper.
+
+For one example with inputs A (T, d) and output gradients G (T, p), the weight gradient is G^T A and
+    ||G^T A||_F^2 = <A A^T, G G^T>          (ghost norm, Li et al. 2022; cost T^2 (d + p))
+which avoids the (p, d) matrix when T (d + p) < d p. Calls of a reused module and rows of one example are
+concatenated along T, so the norm is that of the summed gradient, cross terms included.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..groups import RowGroups
+
+
+def matmul_norm_sq(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Per-example ||g_e^T a_e||_F^2 for a (E, T, d), g (E, T, p), in fp32."""
+    a, g = a.float(), g.float()
+    tokens, d, p = a.shape[1], a.shape[2], g.shape[2]
+    if tokens * (d + p) < d * p:
+        return ((a @ a.mT) * (g @ g.mT)).sum((1, 2))  # (E, T, T) Grams
+    return torch.einsum("etp,etd->epd", g, a).pow(2).sum((1, 2))  # (E, p, d) per-example gradients
+
+
+def matmul_clipped_sum(a: torch.Tensor, g: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+    """sum_b coef_b g_b^T a_b for a (B, T, d), g (B, T, p), coef (B,): one (p, d) matmul."""
+    dtype = torch.promote_types(a.dtype, g.dtype)
+    g = g.to(dtype) * coef.to(dtype)[:, None, None]
+    return g.flatten(0, 1).mT @ a.to(dtype).flatten(0, 1)
+
+
+def tokens_of(calls: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and output gradients of all calls as (B, T_total, d) and (B, T_total, p)."""
+    a = [x.reshape(x.shape[0], -1, x.shape[-1]) for x, _ in calls]
+    g = [y.reshape(y.shape[0], -1, y.shape[-1]) for _, y in calls]
+    return (a[0], g[0]) if len(calls) == 1 else (torch.cat(a, 1), torch.cat(g, 1))
+
+
+def linear_norm_sq(module: nn.Linear, calls: list, groups: RowGroups) -> torch.Tensor:
+    a, g = tokens_of(calls)
+    a, g = groups.tokens(a), groups.tokens(g)
+    norm_sq = torch.zeros(groups.num_examples, device=g.device)
+    if module.weight.requires_grad:
+        norm_sq += matmul_norm_sq(a, g)
+    if module.bias is not None and module.bias.requires_grad:
+        norm_sq += g.float().sum(1).pow(2).sum(1)
+    return norm_sq
+
+
+def linear_clipped_grads(module: nn.Linear, calls: list, coef: torch.Tensor) -> dict[str, torch.Tensor]:
+    a, g = tokens_of(calls)
+    grads = {}
+    if module.weight.requires_grad:
+        grads["weight"] = matmul_clipped_sum(a, g, coef)
+    if module.bias is not None and module.bias.requires_grad:
+        grads["bias"] = torch.einsum("btp,b->p", g.float(), coef.float())
+    return grads

@@ -1,0 +1,51 @@
+"""nn.LayerNorm and nn.GroupNorm with affine parameters: per-example gradients are small, so instantiate them.
+
+y = x_hat * w + b gives per-example dL/dw = sum over positions of g * x_hat and dL/db = sum of g.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..groups import RowGroups
+
+
+def _layer_norm_row_grads(module: nn.LayerNorm, x: torch.Tensor, g: torch.Tensor) -> dict[str, torch.Tensor]:
+    x_hat = F.layer_norm(x.float(), module.normalized_shape, eps=module.eps)
+    positions = (x.shape[0], -1, *module.normalized_shape)
+    return {"weight": (g.float() * x_hat).reshape(positions).sum(1), "bias": g.float().reshape(positions).sum(1)}
+
+
+def _group_norm_row_grads(module: nn.GroupNorm, x: torch.Tensor, g: torch.Tensor) -> dict[str, torch.Tensor]:
+    x_hat = F.group_norm(x.float(), module.num_groups, eps=module.eps)
+    return {
+        "weight": (g.float() * x_hat).flatten(2).sum(2),  # (B, C)
+        "bias": g.float().flatten(2).sum(2),
+    }
+
+
+_ROW_GRADS = {nn.LayerNorm: _layer_norm_row_grads, nn.GroupNorm: _group_norm_row_grads}
+
+
+def _row_grads(module: nn.Module, calls: list) -> dict[str, torch.Tensor]:
+    """Per-row gradients (B, *param.shape) of the trainable affine parameters, summed over calls."""
+    row_grads = _ROW_GRADS[type(module)]
+    total: dict[str, torch.Tensor] = {}
+    for x, g in calls:
+        for name, grad in row_grads(module, x, g).items():
+            if getattr(module, name) is not None and getattr(module, name).requires_grad:
+                total[name] = total[name] + grad if name in total else grad
+    return total
+
+
+def affine_norm_sq(module: nn.Module, calls: list, groups: RowGroups) -> torch.Tensor:
+    norm_sq = torch.zeros(groups.num_examples, device=calls[0][1].device)
+    for grad in _row_grads(module, calls).values():
+        norm_sq += groups.sum_rows(grad).flatten(1).pow(2).sum(1)
+    return norm_sq
+
+
+def affine_clipped_grads(module: nn.Module, calls: list, coef: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {name: torch.einsum("b...,b->...", grad, coef.float()) for name, grad in _row_grads(module, calls).items()}
