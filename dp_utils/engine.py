@@ -53,7 +53,13 @@ def trainable_layers(module: nn.Module) -> dict[nn.Module, tuple[str, LayerRule]
             continue
         path = name or "<root module>"
         rule = RULES.get(type(sub))
-        reason = "no per-example rule for this layer type" if rule is None else rule.unsupported(sub)
+        unknown = [n for n, _ in params if n not in ("weight", "bias")]
+        if rule is None:
+            reason = "no per-example rule for this layer type"
+        elif unknown:
+            reason = f"extra parameters {unknown} beyond weight and bias"
+        else:
+            reason = rule.unsupported(sub)
         if reason:
             raise UnsupportedModuleError(
                 f"Module '{path}' ({type(sub).__name__}) has trainable parameters "

@@ -1,8 +1,8 @@
 """Per-layer rules of the clipping engine: one table, layer type -> (norm rule, clipped-gradient rule).
 
 Each rule sees every call of a module in one forward as a (layer input, gradient of layer output) pair:
-- norm_sq(module, calls, groups) -> (E,) fp32 squared norms of each example's gradient of the module's
-  trainable parameters, summed over calls and over the example's rows;
+- norm_sq(module, calls, groups) -> (E,) squared norms (at least fp32; 0 when nothing is trainable) of each
+  example's gradient of the module's trainable parameters, summed over calls and over the example's rows;
 - clipped_grads(module, calls, coef) -> {param name: sum_b coef_b * grad_b}, coef (B,) the per-row clip factor.
 """
 

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..groups import RowGroups
-from .linear import matmul_clipped_sum, matmul_norm_sq
+from .linear import matmul_clipped_sum, upcast, weight_and_bias_norm_sq
 
 
 def conv2d_unsupported(module: nn.Conv2d) -> str | None:
@@ -33,13 +33,7 @@ def _patches(module: nn.Conv2d, calls: list) -> tuple[torch.Tensor, torch.Tensor
 
 def conv2d_norm_sq(module: nn.Conv2d, calls: list, groups: RowGroups) -> torch.Tensor:
     a, g = _patches(module, calls)
-    a, g = groups.tokens(a), groups.tokens(g)
-    norm_sq = torch.zeros(groups.num_examples, device=g.device)
-    if module.weight.requires_grad:
-        norm_sq += matmul_norm_sq(a, g)
-    if module.bias is not None and module.bias.requires_grad:
-        norm_sq += g.float().sum(1).pow(2).sum(1)
-    return norm_sq
+    return weight_and_bias_norm_sq(module, groups.tokens(a), groups.tokens(g))
 
 
 def conv2d_clipped_grads(module: nn.Conv2d, calls: list, coef: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -48,5 +42,5 @@ def conv2d_clipped_grads(module: nn.Conv2d, calls: list, coef: torch.Tensor) -> 
     if module.weight.requires_grad:
         grads["weight"] = matmul_clipped_sum(a, g, coef).view_as(module.weight)
     if module.bias is not None and module.bias.requires_grad:
-        grads["bias"] = torch.einsum("blo,b->o", g.float(), coef.float())
+        grads["bias"] = torch.einsum("blo,b->o", upcast(g), upcast(coef))
     return grads

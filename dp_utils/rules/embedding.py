@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ..groups import RowGroups
+from .linear import upcast
 
 
 def embedding_unsupported(module: nn.Embedding) -> str | None:
@@ -26,9 +27,9 @@ def _tokens(module: nn.Embedding, calls: list) -> tuple[torch.Tensor, torch.Tens
 
 def embedding_norm_sq(module: nn.Embedding, calls: list, groups: RowGroups) -> torch.Tensor:
     if not module.weight.requires_grad:
-        return torch.zeros(groups.num_examples, device=calls[0][1].device)
+        return 0
     idx, g = _tokens(module, calls)
-    idx, g = groups.tokens(idx), groups.tokens(g).float()
+    idx, g = groups.tokens(idx), upcast(groups.tokens(g))
     same_row = idx.unsqueeze(2) == idx.unsqueeze(1)  # (E, T, T)
     return ((g @ g.mT) * same_row).sum((1, 2))
 
@@ -37,6 +38,6 @@ def embedding_clipped_grads(module: nn.Embedding, calls: list, coef: torch.Tenso
     if not module.weight.requires_grad:
         return {}
     idx, g = _tokens(module, calls)
-    g = g.float() * coef.float()[:, None, None]
+    g = upcast(g) * upcast(coef)[:, None, None]
     grad = torch.zeros(module.weight.shape, dtype=g.dtype, device=g.device)
     return {"weight": grad.index_add_(0, idx.flatten(), g.flatten(0, 1))}

@@ -14,9 +14,14 @@ from torch import nn
 from ..groups import RowGroups
 
 
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """Norms accumulate in at least fp32, also under bf16/fp16 autocast."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def matmul_norm_sq(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """Per-example ||g_e^T a_e||_F^2 for a (E, T, d), g (E, T, p), in fp32."""
-    a, g = a.float(), g.float()
+    """Per-example ||g_e^T a_e||_F^2 for a (E, T, d), g (E, T, p), in at least fp32."""
+    a, g = upcast(a), upcast(g)
     tokens, d, p = a.shape[1], a.shape[2], g.shape[2]
     if tokens * (d + p) < d * p:
         return ((a @ a.mT) * (g @ g.mT)).sum((1, 2))  # (E, T, T) Grams
@@ -39,12 +44,16 @@ def tokens_of(calls: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Ten
 
 def linear_norm_sq(module: nn.Linear, calls: list, groups: RowGroups) -> torch.Tensor:
     a, g = tokens_of(calls)
-    a, g = groups.tokens(a), groups.tokens(g)
-    norm_sq = torch.zeros(groups.num_examples, device=g.device)
+    return weight_and_bias_norm_sq(module, groups.tokens(a), groups.tokens(g))
+
+
+def weight_and_bias_norm_sq(module: nn.Module, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Squared norms of the trainable weight (g^T a) and bias (sum of g) of a linear map, a (E, T, d), g (E, T, p)."""
+    norm_sq = 0
     if module.weight.requires_grad:
-        norm_sq += matmul_norm_sq(a, g)
+        norm_sq = norm_sq + matmul_norm_sq(a, g)
     if module.bias is not None and module.bias.requires_grad:
-        norm_sq += g.float().sum(1).pow(2).sum(1)
+        norm_sq = norm_sq + upcast(g).sum(1).pow(2).sum(1)
     return norm_sq
 
 
@@ -54,5 +63,5 @@ def linear_clipped_grads(module: nn.Linear, calls: list, coef: torch.Tensor) -> 
     if module.weight.requires_grad:
         grads["weight"] = matmul_clipped_sum(a, g, coef)
     if module.bias is not None and module.bias.requires_grad:
-        grads["bias"] = torch.einsum("btp,b->p", g.float(), coef.float())
+        grads["bias"] = torch.einsum("btp,b->p", upcast(g), upcast(coef))
     return grads

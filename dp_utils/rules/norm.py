@@ -10,19 +10,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..groups import RowGroups
+from .linear import upcast
 
 
 def _layer_norm_row_grads(module: nn.LayerNorm, x: torch.Tensor, g: torch.Tensor) -> dict[str, torch.Tensor]:
-    x_hat = F.layer_norm(x.float(), module.normalized_shape, eps=module.eps)
+    x_hat = F.layer_norm(upcast(x), module.normalized_shape, eps=module.eps)
     positions = (x.shape[0], -1, *module.normalized_shape)
-    return {"weight": (g.float() * x_hat).reshape(positions).sum(1), "bias": g.float().reshape(positions).sum(1)}
+    return {"weight": (upcast(g) * x_hat).reshape(positions).sum(1), "bias": upcast(g).reshape(positions).sum(1)}
 
 
 def _group_norm_row_grads(module: nn.GroupNorm, x: torch.Tensor, g: torch.Tensor) -> dict[str, torch.Tensor]:
-    x_hat = F.group_norm(x.float(), module.num_groups, eps=module.eps)
+    x_hat = F.group_norm(upcast(x), module.num_groups, eps=module.eps)
     return {
-        "weight": (g.float() * x_hat).flatten(2).sum(2),  # (B, C)
-        "bias": g.float().flatten(2).sum(2),
+        "weight": (upcast(g) * x_hat).flatten(2).sum(2),  # (B, C)
+        "bias": upcast(g).flatten(2).sum(2),
     }
 
 
@@ -41,11 +42,8 @@ def _row_grads(module: nn.Module, calls: list) -> dict[str, torch.Tensor]:
 
 
 def affine_norm_sq(module: nn.Module, calls: list, groups: RowGroups) -> torch.Tensor:
-    norm_sq = torch.zeros(groups.num_examples, device=calls[0][1].device)
-    for grad in _row_grads(module, calls).values():
-        norm_sq += groups.sum_rows(grad).flatten(1).pow(2).sum(1)
-    return norm_sq
+    return sum(groups.sum_rows(grad).flatten(1).pow(2).sum(1) for grad in _row_grads(module, calls).values())
 
 
 def affine_clipped_grads(module: nn.Module, calls: list, coef: torch.Tensor) -> dict[str, torch.Tensor]:
-    return {name: torch.einsum("b...,b->...", grad, coef.float()) for name, grad in _row_grads(module, calls).items()}
+    return {name: torch.einsum("b...,b->...", grad, upcast(coef)) for name, grad in _row_grads(module, calls).items()}

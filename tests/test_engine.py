@@ -1,0 +1,159 @@
+"""The engine on tiny diffusers DiTs: every mode equals the naive per-example loop, nothing frozen."""
+
+import pytest
+import torch
+from oracle import dit_batch, dit_losses, naive_clipped_sum, private_update, relative_error, tiny_dit
+from torch import nn
+
+import dp_utils
+from dp_utils.engine import ClippingEngine, trainable_layers
+
+MODES = ["flash_bk", "flash", "opacus_hooks"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("max_grad_norm", [1e-3, 1e3], ids=["all-clipped", "none-clipped"])
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float64, 1e-10), (torch.float32, 1e-5)], ids=["fp64", "fp32"])
+def test_dit_update_equals_naive_loop(tmp_path, mode, max_grad_norm, dtype, tolerance):
+    rows = 5
+    batch = dit_batch(rows, dtype=dtype)
+    expected, norms = naive_clipped_sum(
+        tiny_dit(tmp_path, dtype=dtype), dit_losses, batch, max_grad_norm, torch.arange(rows)
+    )
+    assert (norms > max_grad_norm).all() if max_grad_norm < 1 else (norms < max_grad_norm).all()
+    model = tiny_dit(tmp_path, dtype=dtype)
+    assert all(p.requires_grad for p in model.parameters())  # nothing frozen, embedders reused
+    update, engine_norms = private_update(model, dit_losses, batch, max_grad_norm, mode, rows)
+    assert relative_error(update, {n: e / rows for n, e in expected.items()}) < tolerance
+    if engine_norms is not None:
+        torch.testing.assert_close(engine_norms.to(norms.dtype), norms, rtol=tolerance * 10, atol=0)
+
+
+@pytest.mark.parametrize("mode", ["flash_bk", "flash"])
+@pytest.mark.parametrize("max_grad_norm", [1e-3, 1e3], ids=["all-clipped", "none-clipped"])
+def test_noise_multiplicity_clips_the_rows_of_an_example_as_one(tmp_path, mode, max_grad_norm):
+    examples, k = 3, 3
+    x, t, y, noise = dit_batch(examples * k, dtype=torch.float64)
+    x, y = x[:examples].repeat_interleave(k, 0), y[:examples].repeat_interleave(k, 0)  # K draws of one image
+    batch = (x, t, y, noise)
+    group_ids = torch.arange(examples).repeat_interleave(k)
+    expected, _ = naive_clipped_sum(
+        tiny_dit(tmp_path, dtype=torch.float64), dit_losses, batch, max_grad_norm, group_ids
+    )
+    update, norms = private_update(
+        tiny_dit(tmp_path, dtype=torch.float64), dit_losses, batch, max_grad_norm, mode, examples, noise_multiplicity=k
+    )
+    assert norms.shape == (examples,)
+    assert relative_error(update, {n: e / examples for n, e in expected.items()}) < 1e-10
+
+
+def test_group_ids_of_unequal_sizes(tmp_path):
+    group_ids = torch.tensor([4, 1, 4, 2, 1, 4])
+    batch = dit_batch(len(group_ids), dtype=torch.float64)
+    expected, norms = naive_clipped_sum(tiny_dit(tmp_path, dtype=torch.float64), dit_losses, batch, 0.05, group_ids)
+    update, engine_norms = private_update(
+        tiny_dit(tmp_path, dtype=torch.float64), dit_losses, batch, 0.05, "flash_bk", 3, group_ids=group_ids
+    )
+    torch.testing.assert_close(engine_norms, norms, rtol=1e-10, atol=0)
+    assert relative_error(update, {n: e / 3 for n, e in expected.items()}) < 1e-10
+
+
+def test_dit_reuses_the_first_embedder(tmp_path):
+    model = tiny_dit(tmp_path)
+    engine = ClippingEngine(model, max_grad_norm=1.0)
+    x, t, y, _ = dit_batch(2)
+    model(x, timestep=t, class_labels=y)
+    reused = sorted(engine.layers[m][0] for m, calls in engine._calls.items() if len(calls) > 1)
+    assert reused == [
+        "transformer_blocks.0.norm1.emb.class_embedder.embedding_table",
+        "transformer_blocks.0.norm1.emb.timestep_embedder.linear_1",
+        "transformer_blocks.0.norm1.emb.timestep_embedder.linear_2",
+    ]
+
+
+def test_opacus_ghost_runs_with_embedders_frozen_and_matches(tmp_path):
+    rows, max_grad_norm = 4, 0.05
+    batch = dit_batch(rows, dtype=torch.float64)
+    reference = tiny_dit(tmp_path, dtype=torch.float64)
+    dp_utils.freeze_embedders(reference)
+    expected, _ = naive_clipped_sum(reference, dit_losses, batch, max_grad_norm, torch.arange(rows))
+    for mode in ["opacus_ghost", "flash_bk"]:
+        model = tiny_dit(tmp_path, dtype=torch.float64)
+        dp_utils.freeze_embedders(model)
+        update, _ = private_update(model, dit_losses, batch, max_grad_norm, mode, rows)
+        assert relative_error(update, {n: e / rows for n, e in expected.items()}) < 1e-10
+
+
+def test_bf16_autocast_norms_close_to_fp32(tmp_path):
+    batch = dit_batch(4)
+    norms = {}
+    for autocast in (False, True):
+        model = tiny_dit(tmp_path)
+        engine = ClippingEngine(model, max_grad_norm=1.0)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            losses = dit_losses(model, *batch)
+        engine.backward(losses, dp_utils.RowGroups(None, 4))
+        norms[autocast] = engine.per_example_norms
+        assert norms[autocast].dtype == torch.float32
+    torch.testing.assert_close(norms[True], norms[False], rtol=1e-2, atol=0)
+
+
+def test_unused_module_gets_zero_gradient():
+    model = nn.ModuleDict({"used": nn.Linear(3, 2), "unused": nn.Linear(3, 2)}).double()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.zeros(4)), batch_size=4)
+    _, optimizer, criterion, _ = dp_utils.make_private(
+        module=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
+        data_loader=loader,
+        noise_multiplier=0.0,
+        max_grad_norm=1.0,
+        poisson_sampling=False,
+    )
+    before = model["unused"].weight.detach().clone()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    criterion(model["used"](x), torch.zeros(4, 2, dtype=torch.float64)).backward()
+    optimizer.step()
+    assert torch.equal(model["unused"].weight, before)
+
+
+class _WithBatchNorm(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+        self.blocks = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+
+
+def test_unsupported_layer_is_named_at_wrap_time():
+    with pytest.raises(dp_utils.UnsupportedModuleError, match=r"'blocks\.1' \(BatchNorm1d\).*Freeze it"):
+        trainable_layers(_WithBatchNorm())
+
+
+def test_parameter_owned_by_the_root_is_unsupported():
+    model = nn.Sequential(nn.Linear(2, 2))
+    model.scale = nn.Parameter(torch.ones(2))
+    with pytest.raises(dp_utils.UnsupportedModuleError, match=r"'<root module>' \(Sequential\)"):
+        trainable_layers(model)
+
+
+def test_extra_parameter_on_a_supported_layer_is_refused():
+    layer = nn.Linear(2, 2)
+    layer.gain = nn.Parameter(torch.ones(2))
+    with pytest.raises(dp_utils.UnsupportedModuleError, match=r"extra parameters \['gain'\]"):
+        trainable_layers(nn.Sequential(layer))
+
+
+def test_tied_parameters_are_refused():
+    a, b = nn.Linear(3, 3), nn.Linear(3, 3)
+    b.weight = a.weight
+    with pytest.raises(dp_utils.UnsupportedModuleError, match="tied"):
+        trainable_layers(nn.Sequential(a, b))
+
+
+def test_unfreezing_after_wrapping_is_refused():
+    model = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3))
+    model[1].requires_grad_(False)
+    engine = ClippingEngine(model, max_grad_norm=1.0)
+    model[1].requires_grad_(True)
+    losses = model(torch.randn(4, 3)).pow(2).sum(1)
+    with pytest.raises(dp_utils.UnsupportedModuleError, match="became trainable"):
+        engine.backward(losses, dp_utils.RowGroups(None, 4))
