@@ -1,0 +1,297 @@
+"""precompute_latents.py on real sample photos and digits: content, resume, several processes, error messages."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+
+import datasets
+import numpy as np
+import pytest
+import skimage.data
+import torch
+from conftest import CORRUPT_FILES, NUM_DIGITS, PHOTO_FILES, REPO_ROOT, run_precompute
+from diffusers import AutoencoderKL
+from PIL import Image
+
+import precompute_latents
+from dp_utils.data import CACHE_INFO_NAME, load_latent_cache
+
+GOOD_PHOTOS = [f for f in PHOTO_FILES if f not in CORRUPT_FILES]
+
+
+def read_cache(path) -> tuple[dict, dict]:
+    """All columns of a cache as numpy arrays / lists, and its metadata."""
+    rows = datasets.load_from_disk(str(path)).with_format("numpy")[:]
+    return rows, json.loads((path / CACHE_INFO_NAME).read_text())
+
+
+def assert_same_rows(a: dict, b: dict, atol: float = 0.0) -> None:
+    assert a.keys() == b.keys()
+    assert list(a["source"]) == list(b["source"])
+    if "label" in a:
+        np.testing.assert_array_equal(a["label"], b["label"])
+    for name in ("mean", "std"):
+        if name in a:
+            np.testing.assert_allclose(a[name], b[name], rtol=0, atol=atol)
+
+
+def test_help_explains_every_flag(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        precompute_latents.parse_args(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ["--dataset_name", "--dataset_config_name", "--data_dir", "--split", "--image_column",
+                 "--label_column", "--train_data_dir", "--vae", "--pretrained_model_name_or_path", "--resolution",
+                 "--flip", "--mixed_precision", "--batch_size", "--dataloader_num_workers", "--output_dir",
+                 "--cache_dir", "--shard_size", "--strict"]:
+        assert flag in text
+
+
+def test_to_rgb_handles_every_mode(photo_dir):
+    rgba = Image.open(photo_dir / "misc/astronaut_rgba.png")
+    assert rgba.mode == "RGBA"
+    rgb = np.asarray(precompute_latents.to_rgb(rgba))
+    assert rgb.dtype == np.uint8 and rgb.shape == (512, 512, 3)
+    assert (rgb[:, :64] == 255).all()  # fully transparent pixels composited on white
+    opaque = np.asarray(rgba)[:, -1, :3]
+    np.testing.assert_allclose(rgb[:, -1].astype(int), opaque.astype(int), atol=1)
+
+    sixteen = Image.open(photo_dir / "misc/camera16.png")
+    assert sixteen.mode == "I;16"
+    converted = np.asarray(precompute_latents.to_rgb(sixteen))
+    # Written as camera * 257: rescaled back to the 8-bit photo exactly, not clipped to white.
+    np.testing.assert_array_equal(converted, np.repeat(skimage.data.camera()[..., None], 3, axis=-1))
+
+    palette = Image.open(photo_dir / "cat/coffee_palette.png")
+    cmyk = Image.open(photo_dir / "cat/coffee_cmyk.jpg")
+    assert (palette.mode, cmyk.mode) == ("P", "CMYK")
+    for image in (palette, cmyk):
+        assert precompute_latents.to_rgb(image).mode == "RGB"
+
+
+@pytest.mark.parametrize("size", [(451, 300), (300, 451), (20, 17), (64, 64), (1000, 130)])
+def test_center_crop_gives_a_square_of_the_resolution(size):
+    image = Image.new("RGB", size, (10, 20, 30))
+    assert precompute_latents.center_crop_arr(image, 32).size == (32, 32)
+
+
+def test_photo_cache_contents(photo_cache, photo_dir):
+    rows, info = read_cache(photo_cache)
+    features = datasets.load_from_disk(str(photo_cache)).features
+    assert features["mean"] == datasets.Array4D((2, 4, 16, 16), "float32")
+    assert features["std"] == datasets.Array4D((2, 4, 16, 16), "float32")
+    assert features["label"] == datasets.ClassLabel(names=["cat", "misc"])
+    assert list(rows["source"]) == GOOD_PHOTOS
+    assert rows["label"].tolist() == [0 if f.startswith("cat/") else 1 for f in GOOD_PHOTOS]
+    assert rows["mean"].shape == (7, 2, 4, 16, 16) and rows["mean"].dtype == np.float32
+    assert (rows["std"] > 0).all()
+    assert info["num_rows"] == 7 and info["latent_shape"] == [4, 16, 16] and info["channels"] == 4
+    assert info["conditional"] and info["num_classes"] == 2
+    assert info["class_names"] == ["cat", "misc"] and info["class_to_index"] == {"cat": 0, "misc": 1}
+    assert info["flip"] and info["num_views"] == 2 and info["resolution"] == 32
+    assert info["scaling_factor"] == pytest.approx(0.18215) and not info["pixel_space"]
+    assert [s["source"] for s in info["skipped"]] == CORRUPT_FILES and info["num_skipped"] == 2
+    assert "truncated" in info["skipped"][0]["error"]
+    assert "--train_data_dir" in info["command"]
+    assert not (photo_cache / "shards").exists()
+
+
+def test_latent_mean_and_std_equal_the_vae_encoding(photo_cache, photo_dir, tiny_vae_path):
+    rows, info = read_cache(photo_cache)
+    vae = AutoencoderKL.from_pretrained(tiny_vae_path)
+    for name in ["cat/chelsea.jpg", "misc/astronaut_rgba.png", "misc/camera16.png"]:
+        pixels = precompute_latents.preprocess_image(precompute_latents.load_image(photo_dir / name), 32)
+        x = torch.from_numpy(pixels).permute(2, 0, 1).float()[None] / 127.5 - 1  # (1, 3, 32, 32)
+        row = list(rows["source"]).index(name)
+        with torch.no_grad():
+            for view, image in enumerate([x, x.flip(-1)]):
+                dist = vae.encode(image).latent_dist
+                np.testing.assert_allclose(rows["mean"][row, view], dist.mean[0] * 0.18215, atol=1e-5)
+                np.testing.assert_allclose(rows["std"][row, view], dist.std[0] * 0.18215, atol=1e-5)
+    assert not np.allclose(rows["mean"][:, 0], rows["mean"][:, 1])  # the mirrored view is a different image
+
+
+def test_resume_after_a_killed_run_gives_the_same_cache(tmp_path, photo_cache, photo_cache_args, monkeypatch):
+    out = tmp_path / "cache"
+    calls = []
+    real_encode = precompute_latents.encode_batch
+
+    def crash_in_second_shard(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # shard 0 took two batches of 2; die in shard 1
+            raise KeyboardInterrupt
+        return real_encode(*args, **kwargs)
+
+    monkeypatch.setattr(precompute_latents, "encode_batch", crash_in_second_shard)
+    with pytest.raises(KeyboardInterrupt):
+        run_precompute(photo_cache_args + ["--output_dir", out])
+    assert sorted(p.name for p in (out / "shards").iterdir()) == ["00000", "00000.done.json", "settings.json"]
+    assert not (out / CACHE_INFO_NAME).exists()
+    with pytest.raises(FileNotFoundError, match="unfinished shards"):
+        load_latent_cache(out)
+    (out / "shards/00001.tmp").mkdir()  # a half-written shard: never counted as done
+    (out / "shards/00001.tmp/junk.arrow").write_bytes(b"half")
+
+    calls.clear()
+    monkeypatch.setattr(precompute_latents, "encode_batch", lambda *a, **k: calls.append(1) or real_encode(*a, **k))
+    run_precompute(photo_cache_args + ["--output_dir", out])
+    assert len(calls) == 4  # shard 0 was not encoded again; shards 1 and 2 took two batches each
+    resumed, resumed_info = read_cache(out)
+    reference, reference_info = read_cache(photo_cache)
+    assert_same_rows(resumed, reference)
+    assert resumed_info["skipped"] == reference_info["skipped"]
+    assert resumed_info["settings"] == reference_info["settings"]
+
+    run_precompute(photo_cache_args + ["--output_dir", out])  # finished: nothing to do, nothing encoded
+    assert len(calls) == 4
+
+
+def test_two_processes_give_the_same_cache(tmp_path, photo_cache, photo_cache_args):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "cache"
+    # `--cpu` would start a single process; on a machine without GPUs the script runs these on CPU with gloo.
+    command = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
+               str(REPO_ROOT / "precompute_latents.py"), *photo_cache_args, "--output_dir", str(out)]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Process 1 of 2: shards [1]" in result.stderr
+    rows, info = read_cache(out)
+    reference, reference_info = read_cache(photo_cache)
+    # Equal up to float rounding: the launcher gives each process fewer CPU threads, which reorders some sums.
+    assert_same_rows(rows, reference, atol=1e-6)
+    assert info["skipped"] == reference_info["skipped"] and info["num_rows"] == 7
+
+
+def test_digits_in_pixel_space(digits_cache, digits_dataset_dir):
+    from sklearn.datasets import load_digits
+
+    rows, info = read_cache(digits_cache)
+    digits = load_digits()
+    assert "std" not in rows and rows["mean"].shape == (NUM_DIGITS, 2, 3, 8, 8)
+    expected = np.rint(digits.images[:NUM_DIGITS] * 255 / 16) / 127.5 - 1  # (N, 8, 8), as written to PNG
+    np.testing.assert_allclose(rows["mean"][:, 0], np.repeat(expected[:, None], 3, axis=1), atol=1e-6)
+    np.testing.assert_allclose(rows["mean"][:, 1], rows["mean"][:, 0, :, :, ::-1])
+    assert rows["label"].tolist() == digits.target[:NUM_DIGITS].tolist()
+    assert list(rows["source"][:2]) == ["train[0]", "train[1]"]
+    assert info["pixel_space"] and info["vae"] is None and info["scaling_factor"] is None
+    assert info["latent_shape"] == [3, 8, 8] and info["num_classes"] == 10 and info["class_names"][3] == "3"
+
+
+def test_unconditional_folder_and_pipeline_vae(tmp_path, photo_dir, tiny_vae_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in ["cat/chelsea.jpg", "misc/rocket.png"]:
+        shutil.copy(photo_dir / name, images / name.split("/")[1])
+    pipeline = tmp_path / "pipeline"
+    shutil.copytree(tiny_vae_path, pipeline / "vae")
+    (pipeline / "model_index.json").write_text("{}")
+    out = tmp_path / "cache"
+    run_precompute(["--train_data_dir", images, "--pretrained_model_name_or_path", pipeline, "--resolution", 32,
+                    "--output_dir", out])
+    rows, info = read_cache(out)
+    assert "label" not in rows and list(rows["source"]) == ["chelsea.jpg", "rocket.png"]
+    assert not info["conditional"] and info["class_names"] is None and info["num_classes"] == 0
+    assert info["vae_subfolder"] == "vae" and rows["mean"].shape == (2, 1, 4, 16, 16)
+    with pytest.raises(ValueError, match="pipeline folder: pass it as --pretrained_model_name_or_path"):
+        run_precompute(["--train_data_dir", images, "--vae", pipeline, "--output_dir", tmp_path / "other"])
+
+
+def test_dataset_without_label_column_is_unconditional(tmp_path, digits_dataset_dir):
+    images = datasets.load_from_disk(str(digits_dataset_dir)).select(range(5)).remove_columns("label")
+    images.save_to_disk(str(tmp_path / "images"))
+    run_precompute(["--dataset_name", tmp_path / "images", "--vae", "none", "--resolution", 8,
+                    "--output_dir", tmp_path / "cache"])
+    rows, info = read_cache(tmp_path / "cache")
+    assert not info["conditional"] and "label" not in rows and len(rows["source"]) == 5
+
+
+def test_strict_makes_a_corrupt_image_an_error(tmp_path, photo_cache_args):
+    with pytest.raises(ValueError, match=r"Cannot read image cat/truncated\.jpg.*without --strict"):
+        run_precompute(photo_cache_args + ["--strict", "--output_dir", tmp_path / "cache"])
+
+
+@pytest.fixture
+def no_encoding(monkeypatch):
+    """Fail the test if anything gets encoded: input errors must come first."""
+    def fail(*args, **kwargs):
+        raise AssertionError("encoded before validating the input")
+
+    monkeypatch.setattr(precompute_latents, "encode_batch", fail)
+    monkeypatch.setattr(precompute_latents, "to_model_input", fail)
+
+
+def test_resolution_not_a_multiple_of_the_vae_factor(tmp_path, photo_dir, tiny_vae_path, no_encoding):
+    with pytest.raises(ValueError, match="--resolution 33 is not a multiple of the VAE's downsampling factor 2"):
+        run_precompute(["--train_data_dir", photo_dir, "--vae", tiny_vae_path, "--resolution", 33,
+                        "--output_dir", tmp_path / "cache"])
+    assert not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--image_column", "picture"], r"--image_column 'picture' is not in .*columns: \['image', 'label'\]"),
+        (["--label_column", "digit"], r"--label_column 'digit' is not in .*columns: \['image', 'label'\]"),
+    ],
+)
+def test_missing_columns_name_the_available_ones(tmp_path, digits_dataset_dir, no_encoding, extra, message):
+    with pytest.raises(ValueError, match=message):
+        run_precompute(["--dataset_name", digits_dataset_dir, "--vae", "none", "--resolution", 8,
+                        "--output_dir", tmp_path / "cache", *extra])
+
+
+def test_missing_split_names_the_available_ones(tmp_path, digits_dataset_dir, no_encoding):
+    splits = datasets.DatasetDict({"train": datasets.load_from_disk(str(digits_dataset_dir)).select(range(3))})
+    splits.save_to_disk(str(tmp_path / "splits"))
+    with pytest.raises(ValueError, match=r"--split test is not in .*available splits: \['train'\]"):
+        run_precompute(["--dataset_name", tmp_path / "splits", "--split", "test", "--vae", "none",
+                        "--output_dir", tmp_path / "cache"])
+
+
+def test_empty_inputs(tmp_path, digits_dataset_dir, no_encoding):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="holds no images"):
+        run_precompute(["--train_data_dir", tmp_path / "empty", "--vae", "none", "--output_dir", tmp_path / "c"])
+    (tmp_path / "none").mkdir()
+    datasets.load_from_disk(str(digits_dataset_dir)).select([]).to_parquet(str(tmp_path / "none/train.parquet"))
+    with pytest.raises(ValueError, match="Could not load split 'train' of --dataset_name .*no data"):
+        run_precompute(["--dataset_name", tmp_path / "none", "--vae", "none", "--output_dir", tmp_path / "c",
+                        "--cache_dir", tmp_path / "hf_cache"])
+    (tmp_path / "classes/a").mkdir(parents=True)
+    (tmp_path / "classes/b").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "classes/a/x.png")
+    with pytest.raises(ValueError, match="Class folder .*b has no images"):
+        run_precompute(["--train_data_dir", tmp_path / "classes", "--vae", "none", "--output_dir", tmp_path / "c"])
+
+
+def test_output_dir_with_other_settings_or_other_files(tmp_path, photo_cache, photo_cache_args, no_encoding):
+    copy = tmp_path / "cache"
+    shutil.copytree(photo_cache, copy)
+    with pytest.raises(ValueError, match=r"different settings \(resolution: 32 there, 64 now\).*another --output_dir"):
+        run_precompute([*photo_cache_args, "--resolution", 64, "--output_dir", copy])
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes/todo.txt").write_text("mine")
+    with pytest.raises(ValueError, match="is not empty and holds no latent cache"):
+        run_precompute([*photo_cache_args, "--output_dir", tmp_path / "notes"])
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--output_dir", "x"], "exactly one of --dataset_name or --train_data_dir"),
+        (["--train_data_dir", "a", "--dataset_name", "b", "--output_dir", "x"], "exactly one of"),
+        (["--train_data_dir", "a", "--vae", "v", "--pretrained_model_name_or_path", "p", "--output_dir", "x"],
+         "not both"),
+        (["--train_data_dir", "a", "--resolution", "0", "--output_dir", "x"], "--resolution must be positive"),
+    ],
+)
+def test_bad_flag_combinations(argv, message):
+    with pytest.raises(ValueError, match=message):
+        precompute_latents.parse_args(argv)
+
