@@ -19,20 +19,31 @@ def upcast(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
-def matmul_norm_sq(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """Per-example ||g_e^T a_e||_F^2 for a (E, T, d), g (E, T, p), in at least fp32."""
+def matmul_norm_sq(a: torch.Tensor, g: torch.Tensor, with_bias: bool = False) -> torch.Tensor:
+    """Per-example ||g_e^T a_e||_F^2 (+ ||sum_t g_e,t||^2 with_bias) for a (E, T, d), g (E, T, p), in >= fp32.
+
+    The bias is a weight column fed with ones, so in the ghost form it costs only a 1 added to the input Gram.
+    """
     a, g = upcast(a), upcast(g)
-    tokens, d, p = a.shape[1], a.shape[2], g.shape[2]
+    examples, tokens, d, p = a.shape[0], a.shape[1], a.shape[2], g.shape[2]
     if tokens * (d + p) < d * p:
-        return ((a @ a.mT) * (g @ g.mT)).sum((1, 2))  # (E, T, T) Grams
-    return torch.einsum("etp,etd->epd", g, a).pow(2).sum((1, 2))  # (E, p, d) per-example gradients
+        a_gram, g_gram = a @ a.mT, g @ g.mT  # (E, T, T)
+        if with_bias:
+            a_gram += 1
+        return (a_gram.view(examples, 1, -1) @ g_gram.view(examples, -1, 1)).flatten()  # <A A^T, G G^T>
+    norm_sq = torch.einsum("etp,etd->epd", g, a).pow(2).sum((1, 2))  # (E, p, d) per-example gradients
+    return norm_sq + g.sum(1).pow(2).sum(1) if with_bias else norm_sq
 
 
 def matmul_clipped_sum(a: torch.Tensor, g: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
     """sum_b coef_b g_b^T a_b for a (B, T, d), g (B, T, p), coef (B,): one (p, d) matmul."""
     dtype = torch.promote_types(a.dtype, g.dtype)
-    g = g.to(dtype) * coef.to(dtype)[:, None, None]
-    return g.flatten(0, 1).mT @ a.to(dtype).flatten(0, 1)
+    a, g, coef = a.to(dtype), g.to(dtype), coef.to(dtype)[:, None, None]
+    if a.shape[2] < g.shape[2]:  # scale the smaller operand
+        a = a * coef
+    else:
+        g = g * coef
+    return g.flatten(0, 1).mT @ a.flatten(0, 1)
 
 
 def tokens_of(calls: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,12 +60,10 @@ def linear_norm_sq(module: nn.Linear, calls: list, groups: RowGroups) -> torch.T
 
 def weight_and_bias_norm_sq(module: nn.Module, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """Squared norms of the trainable weight (g^T a) and bias (sum of g) of a linear map, a (E, T, d), g (E, T, p)."""
-    norm_sq = 0
+    with_bias = module.bias is not None and module.bias.requires_grad
     if module.weight.requires_grad:
-        norm_sq = norm_sq + matmul_norm_sq(a, g)
-    if module.bias is not None and module.bias.requires_grad:
-        norm_sq = norm_sq + upcast(g).sum(1).pow(2).sum(1)
-    return norm_sq
+        return matmul_norm_sq(a, g, with_bias)
+    return upcast(g).sum(1).pow(2).sum(1) if with_bias else 0
 
 
 def linear_clipped_grads(module: nn.Linear, calls: list, coef: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -1,0 +1,174 @@
+"""One DiT training step (forward, backward, optimizer step) per mode, side by side in one run.
+
+    python benchmarks/bench_step.py --model DiT-S/2 --latent_size 16 --batch_size 16             # CPU proxy
+    python benchmarks/bench_step.py --model DiT-XL/2 --latent_size 32 --batch_size 64 --bf16     # H100 anchor
+
+Each mode runs in its own process (clean peak memory); the table gives samples/s, the ratio to non-private
+training at the same batch, and peak memory (CUDA max allocated on GPU; peak RSS growth over the set-up on CPU).
+One JSON line per mode follows the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from diffusers import DiTTransformer2DModel
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import dp_utils  # noqa: E402
+
+PRESETS = {  # DiT paper, Table 1
+    "DiT-S/2": dict(num_layers=12, num_attention_heads=6, attention_head_dim=64),
+    "DiT-B/2": dict(num_layers=12, num_attention_heads=12, attention_head_dim=64),
+    "DiT-L/2": dict(num_layers=24, num_attention_heads=16, attention_head_dim=64),
+    "DiT-XL/2": dict(num_layers=28, num_attention_heads=16, attention_head_dim=72),
+}
+MODES = ("non_private", "flash_bk", "flash", "opacus_ghost", "opacus_hooks")
+
+
+def rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def run_mode(args) -> dict:
+    """Time one mode in this process; returns its figures."""
+    torch.manual_seed(0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = (
+        DiTTransformer2DModel(
+            in_channels=4,
+            out_channels=8,
+            sample_size=args.latent_size,
+            patch_size=2,
+            num_embeds_ada_norm=1000,
+            **PRESETS[args.model],
+        )
+        .to(device)
+        .train()
+    )
+    for module in model.modules():  # the trainer draws label dropout itself, once per example
+        if hasattr(module, "dropout_prob"):
+            module.dropout_prob = 0.0
+    frozen = dp_utils.freeze_embedders(model) if args.mode == "opacus_ghost" else []  # the only way ghost runs
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
+    b, s = args.batch_size, args.latent_size
+    x, noise = torch.randn(b, 4, s, s, device=device), torch.randn(b, 4, s, s, device=device)
+    t, y = torch.randint(0, 1000, (b,), device=device), torch.randint(0, 1000, (b,), device=device)
+    criterion = dp_utils.per_sample_mse
+    if args.mode != "non_private":
+        loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.arange(b)), batch_size=b)
+        model, optimizer, criterion, _ = dp_utils.make_private(
+            module=model,
+            optimizer=optimizer,
+            data_loader=loader,
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+            grad_sample_mode=args.mode,
+            poisson_sampling=False,
+        )
+
+    def step():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
+            loss = criterion(model(x, timestep=t, class_labels=y).sample[:, :4], noise)
+        (loss.mean() if args.mode == "non_private" else loss).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    baseline = rss_mib()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for i in range(args.warmup + args.steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= args.warmup:
+            times.append(time.perf_counter() - start)
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2**30
+    else:
+        peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - baseline) / 1024
+    median = statistics.median(times)
+    return dict(
+        mode=args.mode,
+        model=args.model,
+        latent_size=s,
+        batch_size=b,
+        bf16=args.bf16,
+        device=str(device),
+        s_per_step=median,
+        samples_per_s=b / median,
+        peak_gib=peak,
+        frozen_params=len(frozen),
+        trainable=sum(p.numel() for p in params),
+    )
+
+
+def main(args):
+    if args.mode:
+        print(json.dumps(run_mode(args)))
+        return
+    results = []
+    for mode in args.modes:
+        cmd = [sys.executable, __file__, "--mode", mode] + [a for a in sys.argv[1:]]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode:
+            error = (proc.stderr.strip().splitlines() or ["failed"])[-1]
+            results.append(dict(mode=mode, error=error))
+        else:
+            results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    base = next((r for r in results if r["mode"] == "non_private" and "error" not in r), None)
+    memory = (
+        "peak GiB (CUDA)" if results and results[0].get("device", "").startswith("cuda") else "peak RSS growth GiB"
+    )
+    print(
+        f"{args.model}, latent {args.latent_size}x{args.latent_size}, batch {args.batch_size}, "
+        f"{'bf16 autocast' if args.bf16 else 'fp32'}, median of {args.steps} steps after {args.warmup} warm-ups"
+    )
+    print(f"| mode | s/step | samples/s | vs non-private | {memory} | trainable params |")
+    print("|---|---|---|---|---|---|")
+    for r in results:
+        if "error" in r:
+            print(f"| {r['mode']} | {r['error'][:100]} | | | | |")
+            continue
+        ratio = r["samples_per_s"] / base["samples_per_s"] if base else float("nan")
+        r["vs_non_private"] = ratio
+        print(
+            f"| {r['mode']} | {r['s_per_step']:.3f} | {r['samples_per_s']:.1f} | {ratio:.2f} | {r['peak_gib']:.2f} "
+            f"| {r['trainable'] / 1e6:.1f}M |"
+        )
+    for r in results:
+        print(json.dumps(r))
+
+
+def parse_args(input_args=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=PRESETS, default="DiT-S/2", help="DiT preset (patch size 2).")
+    parser.add_argument("--latent_size", type=int, default=16, help="Latent height and width (32 for 256px).")
+    parser.add_argument("--batch_size", type=int, default=16, help="Examples per step.")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (fp32 otherwise).")
+    parser.add_argument("--steps", type=int, default=5, help="Timed steps per mode; the median is reported.")
+    parser.add_argument("--warmup", type=int, default=2, help="Untimed steps before timing.")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default).")
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="Modes to compare.")
+    parser.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)  # internal: run one mode in this process
+    return parser.parse_args(input_args)
+
+
+if __name__ == "__main__":
+    main(parse_args())
