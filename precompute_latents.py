@@ -2,8 +2,11 @@
 """Encode an image dataset once into a latent cache for DP-DiT training.
 
     python precompute_latents.py --train_data_dir ./photos --resolution 256 --flip --output_dir ./latents
-    accelerate launch precompute_latents.py --dataset_name ./my_dataset --resolution 256 --flip --output_dir ./latents
+    accelerate launch --num_processes 4 precompute_latents.py --dataset_name ./my_dataset --output_dir ./latents
     python precompute_latents.py --train_data_dir ./digits --vae none --resolution 8 --output_dir ./digits_cache
+
+(Several processes on a machine without GPUs: `accelerate launch --multi_gpu --num_processes 4 ...` runs them on CPU;
+`--cpu` would start only one.)
 
 Each row of the cache holds one image's VAE latent distribution (mean and std, multiplied by the VAE's scaling factor)
 and, with --flip, that of its mirrored copy too: under DP the unit of privacy is one row, so every augmentation of an
@@ -21,7 +24,6 @@ on white, and the EXIF orientation is applied. They are then resized and centre-
 
 import argparse
 import hashlib
-import io
 import json
 import logging
 import os
@@ -38,10 +40,10 @@ from accelerate import PartialState
 from accelerate.logging import get_logger
 from accelerate.utils import parse_flag_from_env
 from diffusers import AutoencoderKL
-from PIL import Image, ImageOps
+from PIL import Image
 from tqdm.auto import tqdm
 
-from dp_utils.data import CACHE_FORMAT_VERSION, CACHE_INFO_NAME
+from dp_utils.data import CACHE_FORMAT_VERSION, CACHE_INFO_NAME, load_image, preprocess_image
 
 logger = get_logger(__name__)
 
@@ -49,49 +51,6 @@ DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
 SHARDS_DIR = "shards"
 SETTINGS_NAME = "settings.json"
 IMAGE_EXTENSIONS = {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
-SIXTEEN_BIT_MODES = {"I", "I;16", "I;16L", "I;16B", "I;16N"}
-ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Convert an image of any PIL mode to 8-bit RGB: 16-bit values are rescaled, transparency goes on white."""
-    if image.mode in SIXTEEN_BIT_MODES:
-        # PIL's own I;16 -> L conversion clips at 255, turning most 16-bit photos white; "I" is read as 16-bit too.
-        pixels = np.asarray(image, dtype=np.float64) / 257.0
-        image = Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8))
-    if image.mode in ALPHA_MODES or "transparency" in image.info:
-        # Dropping alpha would expose whatever colour hides under transparent pixels (often black); white is neutral.
-        rgba = image.convert("RGBA")
-        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
-    return image.convert("RGB")
-
-
-def center_crop_arr(pil_image: Image.Image, image_size: int) -> Image.Image:
-    """Resize and centre-crop as DiT/ADM do: BOX halvings while large, one BICUBIC resize, then a centre crop."""
-    while min(*pil_image.size) >= 2 * image_size:
-        pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
-    scale = image_size / min(*pil_image.size)
-    pil_image = pil_image.resize(tuple(round(x * scale) for x in pil_image.size), resample=Image.BICUBIC)
-    arr = np.array(pil_image)
-    crop_y = (arr.shape[0] - image_size) // 2
-    crop_x = (arr.shape[1] - image_size) // 2
-    return Image.fromarray(arr[crop_y : crop_y + image_size, crop_x : crop_x + image_size])
-
-
-def load_image(value: str | os.PathLike | bytes | dict) -> Image.Image:
-    """Open and fully decode an image (path, bytes, or a `datasets.Image(decode=False)` dict) with EXIF rotation."""
-    if isinstance(value, dict):
-        value = value["bytes"] if value.get("bytes") is not None else value["path"]
-    if isinstance(value, bytes):
-        value = io.BytesIO(value)
-    with Image.open(value) as image:
-        image.load()  # decode now so a truncated file fails here, not halfway through the pipeline
-        return ImageOps.exif_transpose(image)  # a copy that outlives the file
-
-
-def preprocess_image(image: Image.Image, resolution: int) -> np.ndarray:
-    """The `(resolution, resolution, 3)` uint8 array the encoder sees for one image."""
-    return np.array(center_crop_arr(to_rgb(image), resolution))
 
 
 def to_model_input(pixels: torch.Tensor, flip: bool) -> torch.Tensor:
@@ -206,6 +165,8 @@ def read_dataset(args: argparse.Namespace) -> ImageSource:
             )
         values = dataset.select_columns([label_column]).to_dict()[label_column]
         label_feature = dataset.features[label_column]
+        if None in values:
+            raise ValueError(f"Row {values.index(None)} has no label; drop such rows or pass --label_column none.")
         if isinstance(label_feature, datasets.ClassLabel):
             class_names = list(label_feature.names)
         elif all(isinstance(v, str) for v in values):
@@ -218,7 +179,8 @@ def read_dataset(args: argparse.Namespace) -> ImageSource:
             raise ValueError(f"--label_column '{label_column}' holds {label_feature}: expected class ids or names.")
         bad = [i for i, v in enumerate(values) if not 0 <= v < len(class_names)]
         if bad:
-            raise ValueError(f"Row {bad[0]} has label {values[bad[0]]}, outside 0..{len(class_names) - 1}.")
+            raise ValueError(f"Row {bad[0]} has label {values[bad[0]]}, outside 0..{len(class_names) - 1}; drop "
+                             "unlabelled rows, or pass --label_column none for an unconditional cache.")
         labels = values
     listing = f"{len(dataset)} rows {dataset.features}"
     return ImageSource(
@@ -258,12 +220,19 @@ def load_vae_config(args: argparse.Namespace) -> tuple[dict | None, dict]:
     elif os.path.isfile(os.path.join(kwargs["pretrained_model_name_or_path"], "model_index.json")):
         raise ValueError(f"--vae {args.vae} is a pipeline folder: pass it as --pretrained_model_name_or_path.")
     kwargs["cache_dir"] = args.cache_dir
-    config = AutoencoderKL.load_config(**kwargs)
+    vae_id = kwargs["pretrained_model_name_or_path"] + ("/vae" if "subfolder" in kwargs else "")
+    try:
+        config = AutoencoderKL.load_config(**kwargs)
+    except OSError as error:
+        raise OSError(
+            f"Could not load the VAE {vae_id}: {error} Pass --vae <Hub id or local folder of an "
+            "AutoencoderKL>, --pretrained_model_name_or_path <DiT pipeline>, or --vae none for pixels."
+        ) from error
     factor = 2 ** (len(config["block_out_channels"]) - 1)
     if args.resolution % factor:
         raise ValueError(
             f"--resolution {args.resolution} is not a multiple of the VAE's downsampling factor {factor}; use e.g. "
-            f"--resolution {max(factor, args.resolution // factor * factor)}."
+            f"--resolution {(args.resolution // factor + 1) * factor}."
         )
     return config, kwargs
 
@@ -304,6 +273,73 @@ def cache_features(shape: tuple, pixel_space: bool, class_names: list[str] | Non
     return datasets.Features(features)
 
 
+def encode_shard(
+    source: ImageSource, start: int, end: int, args: argparse.Namespace, vae: AutoencoderKL | None,
+    latent_shape: list[int], progress: tqdm,
+) -> tuple[dict[str, list], list[dict]]:
+    """Encode input images `start..end`: the cache columns of the readable ones, and what was skipped and why."""
+    num_views = 2 if args.flip else 1
+    loader = torch.utils.data.DataLoader(ImageRows(source, start, end, args.resolution), batch_size=args.batch_size,
+                                         num_workers=args.dataloader_num_workers, collate_fn=list)
+    rows = {"mean": [], "std": [], "label": [], "source": []}
+    skipped = []
+    for batch in loader:
+        for i, _, error in batch:
+            if error is None:
+                continue
+            if args.strict:
+                raise ValueError(f"Cannot read image {source.ids[i]}: {error}. Fix or remove it, or run without "
+                                 "--strict to skip unreadable images.")
+            logger.warning(f"Skipping unreadable image {source.ids[i]}: {error}", main_process_only=False)
+            skipped.append({"source": source.ids[i], "error": error})
+        good = [(i, pixels) for i, pixels, error in batch if error is None]
+        progress.update(len(batch))
+        if not good:
+            continue
+        x = to_model_input(torch.stack([p for _, p in good]), args.flip)  # (B, V, 3, H, W)
+        if vae is None:
+            mean, std = x, None
+        else:
+            flat = x.flatten(0, 1).to(vae.device, dtype=vae.dtype)  # (B * V, 3, H, W)
+            mean, std = encode_batch(vae, flat, vae.config.scaling_factor, vae.config.shift_factor or 0.0)
+            rows["std"].append(std.float().cpu().reshape(len(good), num_views, *latent_shape).numpy())
+        rows["mean"].append(mean.float().cpu().reshape(len(good), num_views, *latent_shape).numpy())
+        if source.labels is not None:
+            rows["label"] += [source.labels[i] for i, _ in good]
+        rows["source"] += [source.ids[i] for i, _ in good]
+    return rows, skipped
+
+
+def save_shard(shards_dir: Path, k: int, rows: dict[str, list], skipped: list[dict], features: datasets.Features):
+    """Save shard `k` under a temporary name, move it into place, then mark it done: only a marked shard counts."""
+    shard_path, tmp_path = shards_dir / f"{k:05d}", shards_dir / f"{k:05d}.tmp"
+    for stale in (shard_path, tmp_path):
+        shutil.rmtree(stale, ignore_errors=True)
+    if rows["source"]:  # an all-skipped shard has no rows, and datasets cannot reload an empty save
+        columns = {name: np.concatenate(rows[name]) if name in ("mean", "std") else rows[name] for name in features}
+        datasets.Dataset.from_dict(columns, features=features).save_to_disk(str(tmp_path))
+        os.replace(tmp_path, shard_path)
+    write_json(shards_dir / f"{k:05d}.done.json", {"rows": len(rows["source"]), "skipped": skipped})
+
+
+def merge_shards(output_dir: Path, num_shards: int) -> tuple[datasets.Dataset, list[dict]]:
+    """Concatenate the finished shards in order into the dataset in `output_dir`; also return all skipped images."""
+    shards_dir = output_dir / SHARDS_DIR
+    parts, skipped = [], []
+    for k in range(num_shards):
+        marker = json.loads((shards_dir / f"{k:05d}.done.json").read_text())
+        skipped += marker["skipped"]
+        if marker["rows"]:
+            parts.append(datasets.load_from_disk(str(shards_dir / f"{k:05d}")))
+    if not parts:
+        raise ValueError(f"None of the input images could be read, e.g. {skipped[0]}.")
+    merged = datasets.concatenate_datasets(parts)
+    for stale in [*output_dir.glob("data-*.arrow"), output_dir / "state.json", output_dir / "dataset_info.json"]:
+        stale.unlink(missing_ok=True)  # left by a merge that was killed
+    merged.save_to_disk(str(output_dir))
+    return merged, skipped
+
+
 def make_state() -> PartialState:
     """Accelerate's process state; several processes without a GPU share the work on CPU (gloo)."""
     # `accelerate launch --cpu` starts a single process, so CPU processes come from `--multi_gpu` (torchrun) on a
@@ -318,16 +354,16 @@ def make_state() -> PartialState:
 
 def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     """Parse the command line."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     data = parser.add_argument_group("input (give --dataset_name or --train_data_dir)")
     data.add_argument("--dataset_name", type=str, default=None,
                       help="A Hub dataset id, a local folder loadable by `datasets.load_dataset` (e.g. 'imagefolder' "
                       "with --data_dir), or a folder written by `Dataset.save_to_disk`.")
     data.add_argument("--dataset_config_name", type=str, default=None, help="The dataset's config, if it has several.")
     data.add_argument("--data_dir", type=str, default=None, help="`data_dir` for `datasets.load_dataset`.")
-    data.add_argument("--split", type=str, default="train", help="The split to encode.")
+    data.add_argument("--split", type=str, default="train", help="The split to encode (default: %(default)s).")
     data.add_argument("--image_column", type=str, default="image",
-                      help="Column of images (or image file paths) in --dataset_name.")
+                      help="Column of images (or image file paths) in --dataset_name (default: %(default)s).")
     data.add_argument("--label_column", type=str, default=None,
                       help="Column of class ids or names. Default: 'label' if the dataset has one, else an "
                       "unconditional cache. 'none': ignore labels (unconditional), also for --train_data_dir.")
@@ -342,13 +378,14 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
                        help="A DiT pipeline (Hub id or folder) whose vae/ subfolder is used instead of --vae.")
     model.add_argument("--resolution", type=int, default=256,
                        help="Images are resized and centre-cropped to this square size (a multiple of the VAE's "
-                       "downsampling factor; 256 gives 32x32 latents with the SD VAE).")
+                       "downsampling factor; the default %(default)s gives 32x32 latents with the SD VAE).")
     model.add_argument("--flip", action="store_true",
                        help="Also encode the mirrored image, into the same row (so augmentation stays in the row).")
     model.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
                        help="Precision of the VAE. Default: accelerate's setting, else 'no' (fp32). The cache is "
                        "stored in fp32.")
-    model.add_argument("--batch_size", type=int, default=32, help="Images per VAE forward pass (per process).")
+    model.add_argument("--batch_size", type=int, default=32,
+                       help="Images per VAE forward pass, per process (default: %(default)s).")
     model.add_argument("--dataloader_num_workers", type=int, default=0,
                        help="Worker processes that decode and resize images (0: in the main process).")
     out = parser.add_argument_group("output")
@@ -357,7 +394,8 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
                      "Re-running with the same settings resumes an unfinished cache.")
     out.add_argument("--cache_dir", type=str, default=None, help="Where downloaded datasets and models are cached.")
     out.add_argument("--shard_size", type=int, default=1000,
-                     help="Input images per shard: the unit that is saved, resumed, and split between processes.")
+                     help="Input images per shard: the unit that is saved, resumed, and split between processes "
+                     "(default: %(default)s).")
     out.add_argument("--strict", action="store_true",
                      help="Stop on an unreadable image instead of skipping it (skips are listed in the metadata).")
     args = parser.parse_args(input_args)
@@ -366,6 +404,8 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         raise ValueError("Give exactly one of --dataset_name or --train_data_dir.")
     if args.vae is not None and args.pretrained_model_name_or_path is not None:
         raise ValueError("Give --vae or --pretrained_model_name_or_path (whose vae/ is used), not both.")
+    if args.train_data_dir is not None and args.label_column not in (None, "none"):
+        raise ValueError("--label_column is for --dataset_name; --train_data_dir takes labels from its sub-folders.")
     for flag in ("resolution", "batch_size", "shard_size"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag} must be positive, got {getattr(args, flag)}.")
@@ -387,6 +427,11 @@ def main(args: argparse.Namespace) -> None:
         source = read_image_folder(args.train_data_dir, unconditional)
     else:
         source = read_dataset(args)
+    if source.class_names is None:
+        logger.info(f"{len(source.ids)} images, no labels: making an unconditional cache.")
+    else:
+        names = ", ".join(source.class_names[:10]) + (", ..." if len(source.class_names) > 10 else "")
+        logger.info(f"{len(source.ids)} images in {len(source.class_names)} classes: {names}.")
     vae_config, vae_kwargs = load_vae_config(args)
     pixel_space = vae_config is None
     factor = 1 if pixel_space else 2 ** (len(vae_config["block_out_channels"]) - 1)
@@ -422,12 +467,10 @@ def main(args: argparse.Namespace) -> None:
         write_json(shards_dir / SETTINGS_NAME, settings)
     state.wait_for_everyone()
 
-    vae = scaling_factor = shift_factor = None
+    vae = None
     if not pixel_space:
         dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
         vae = AutoencoderKL.from_pretrained(**vae_kwargs, torch_dtype=dtype).to(state.device).requires_grad_(False)
-        scaling_factor = vae.config.scaling_factor
-        shift_factor = vae.config.shift_factor or 0.0
     features = cache_features((num_views, *latent_shape), pixel_space, source.class_names)
 
     num_shards = -(-len(source.ids) // args.shard_size)
@@ -439,65 +482,13 @@ def main(args: argparse.Namespace) -> None:
     progress = tqdm(total=sum(e - s for s, e in bounds.values()), desc="Encoding",
                     disable=not state.is_local_main_process)
     for k in todo:
-        loader = torch.utils.data.DataLoader(ImageRows(source, *bounds[k], args.resolution),
-                                             batch_size=args.batch_size, num_workers=args.dataloader_num_workers,
-                                             collate_fn=list)
-        rows = {name: [] for name in features}
-        skipped = []
-        for batch in loader:
-            for i, _, error in batch:
-                if error is None:
-                    continue
-                if args.strict:
-                    raise ValueError(f"Cannot read image {source.ids[i]}: {error}. Fix or remove it, or run "
-                                     "without --strict to skip unreadable images.")
-                logger.warning(f"Skipping unreadable image {source.ids[i]}: {error}", main_process_only=False)
-                skipped.append({"source": source.ids[i], "error": error})
-            good = [(i, pixels) for i, pixels, error in batch if error is None]
-            progress.update(len(batch))
-            if not good:
-                continue
-            x = to_model_input(torch.stack([p for _, p in good]), args.flip)  # (B, V, 3, H, W)
-            if pixel_space:
-                mean, std = x, None
-            else:
-                flat = x.flatten(0, 1).to(state.device, dtype=vae.dtype)  # (B * V, 3, H, W)
-                mean, std = encode_batch(vae, flat, scaling_factor, shift_factor)  # (B * V, C, h, w)
-                std = std.float().cpu().reshape(len(good), num_views, *latent_shape).numpy()
-            rows["mean"].append(mean.float().cpu().reshape(len(good), num_views, *latent_shape).numpy())
-            if std is not None:
-                rows["std"].append(std)
-            if source.labels is not None:
-                rows["label"] += [source.labels[i] for i, _ in good]
-            rows["source"] += [source.ids[i] for i, _ in good]
-
-        # Save the shard under a temporary name, move it into place, then mark it done: only a marked shard counts.
-        shard_path, tmp_path = shards_dir / f"{k:05d}", shards_dir / f"{k:05d}.tmp"
-        for stale in (shard_path, tmp_path):
-            shutil.rmtree(stale, ignore_errors=True)
-        if rows["source"]:  # an all-skipped shard has no rows, and datasets cannot reload an empty save
-            for name in ("mean", "std"):
-                if name in rows:
-                    rows[name] = np.concatenate(rows[name])
-            datasets.Dataset.from_dict(rows, features=features).save_to_disk(str(tmp_path))
-            os.replace(tmp_path, shard_path)
-        write_json(shards_dir / f"{k:05d}.done.json", {"rows": len(rows["source"]), "skipped": skipped})
+        rows, skipped = encode_shard(source, *bounds[k], args, vae, latent_shape, progress)
+        save_shard(shards_dir, k, rows, skipped, features)
     progress.close()
     state.wait_for_everyone()
 
     if state.is_main_process:
-        parts, skipped = [], []
-        for k in range(num_shards):
-            marker = json.loads((shards_dir / f"{k:05d}.done.json").read_text())
-            skipped += marker["skipped"]
-            if marker["rows"]:
-                parts.append(datasets.load_from_disk(str(shards_dir / f"{k:05d}")))
-        if not parts:
-            raise ValueError(f"None of the {len(source.ids)} images could be read (e.g. {skipped[0]}).")
-        merged = datasets.concatenate_datasets(parts)
-        for stale in [*output_dir.glob("data-*.arrow"), output_dir / "state.json", output_dir / "dataset_info.json"]:
-            stale.unlink(missing_ok=True)  # left by a merge that was killed
-        merged.save_to_disk(str(output_dir))
+        merged, skipped = merge_shards(output_dir, num_shards)
         info = {
             "format_version": CACHE_FORMAT_VERSION,
             "num_rows": len(merged),
@@ -509,8 +500,8 @@ def main(args: argparse.Namespace) -> None:
             "pixel_space": pixel_space,
             "vae": settings["vae"],
             "vae_subfolder": settings["vae_subfolder"],
-            "scaling_factor": scaling_factor,
-            "shift_factor": shift_factor,
+            "scaling_factor": None if vae is None else vae.config.scaling_factor,
+            "shift_factor": None if vae is None else vae.config.shift_factor,
             "mixed_precision": settings["mixed_precision"],
             "conditional": source.labels is not None,
             "num_classes": len(source.class_names) if source.class_names else 0,
@@ -524,7 +515,7 @@ def main(args: argparse.Namespace) -> None:
         }
         write_json(output_dir / CACHE_INFO_NAME, info)  # last: its presence means the cache is finished
         shutil.rmtree(shards_dir)
-        logger.info(f"Wrote {len(merged)} rows ({len(skipped)} images skipped) to {output_dir}.")
+        logger.info(f"Wrote {len(merged)} rows to {output_dir}; skipped {len(skipped)} unreadable images.")
     state.wait_for_everyone()
 
 

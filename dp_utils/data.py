@@ -1,4 +1,4 @@
-"""The latent cache written by `precompute_latents.py`: opening it, checking it against a DiT config, sampling from it.
+"""The latent cache of `precompute_latents.py`: image preprocessing, opening, checking against a DiT config, sampling.
 
 A cache directory holds a `datasets` dataset (`datasets.load_from_disk(cache_dir)`) with one row per image:
 
@@ -10,8 +10,12 @@ A cache directory holds a `datasets` dataset (`datasets.load_from_disk(cache_dir
 
 and `cache_info.json`, written last, with the metadata (see `precompute_latents.py`). Every view of an image lives in
 that image's row, so one row is one unit of privacy.
+
+Images are preprocessed as DiT/ADM do (`center_crop_arr`), after becoming 8-bit RGB whatever their mode: 16-bit
+greyscale is rescaled rather than clipped, transparency is composited on white, EXIF orientation is applied.
 """
 
+import io
 import json
 import os
 from collections.abc import Mapping
@@ -21,9 +25,54 @@ from typing import Any
 import datasets
 import numpy as np
 import torch
+from PIL import Image, ImageOps
 
 CACHE_INFO_NAME = "cache_info.json"
 CACHE_FORMAT_VERSION = 1
+
+SIXTEEN_BIT_MODES = {"I", "I;16", "I;16L", "I;16B", "I;16N"}
+ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert an image of any PIL mode to 8-bit RGB: 16-bit values are rescaled, transparency goes on white."""
+    if image.mode in SIXTEEN_BIT_MODES:
+        # PIL's own I;16 -> L conversion clips at 255, turning most 16-bit photos white; "I" is read as 16-bit too.
+        pixels = np.asarray(image, dtype=np.float64) / 257.0
+        image = Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8))
+    if image.mode in ALPHA_MODES or "transparency" in image.info:
+        # Dropping alpha would expose whatever colour hides under transparent pixels (often black); white is neutral.
+        rgba = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    return image.convert("RGB")
+
+
+def center_crop_arr(pil_image: Image.Image, image_size: int) -> Image.Image:
+    """Resize and centre-crop as DiT/ADM do: BOX halvings while large, one BICUBIC resize, then a centre crop."""
+    while min(*pil_image.size) >= 2 * image_size:
+        pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
+    scale = image_size / min(*pil_image.size)
+    pil_image = pil_image.resize(tuple(round(x * scale) for x in pil_image.size), resample=Image.BICUBIC)
+    arr = np.array(pil_image)
+    crop_y = (arr.shape[0] - image_size) // 2
+    crop_x = (arr.shape[1] - image_size) // 2
+    return Image.fromarray(arr[crop_y : crop_y + image_size, crop_x : crop_x + image_size])
+
+
+def load_image(value: str | os.PathLike | bytes | dict) -> Image.Image:
+    """Open and fully decode an image (path, bytes, or a `datasets.Image(decode=False)` dict) with EXIF rotation."""
+    if isinstance(value, dict):
+        value = value["bytes"] if value.get("bytes") is not None else value["path"]
+    if isinstance(value, bytes):
+        value = io.BytesIO(value)
+    with Image.open(value) as image:
+        image.load()  # decode now so a truncated file fails here, not halfway through the pipeline
+        return ImageOps.exif_transpose(image)  # a copy that outlives the file
+
+
+def preprocess_image(image: Image.Image, resolution: int) -> np.ndarray:
+    """The `(resolution, resolution, 3)` uint8 array the encoder sees for one image."""
+    return np.array(center_crop_arr(to_rgb(image), resolution))
 
 
 def load_latent_cache(cache_dir: str | os.PathLike) -> tuple[datasets.Dataset, dict[str, Any]]:
@@ -66,10 +115,10 @@ def validate_latent_cache(dataset: datasets.Dataset, info: Mapping[str, Any], mo
     kind = "pixel" if info["pixel_space"] else "latent"
     in_channels = _config_value(model_config, "in_channels")
     if in_channels != channels:
+        remake = "" if info["pixel_space"] else f", or re-create the cache with a VAE of latent_channels={in_channels}"
         raise ValueError(
             f"The cache holds {channels}-channel {kind}s (shape {info['latent_shape']}) but the model has "
-            f"in_channels={in_channels}. Build the model with in_channels={channels}, or re-create the cache with a "
-            f"VAE that has latent_channels={in_channels}."
+            f"in_channels={in_channels}. Build the model with in_channels={channels}{remake}."
         )
     sample_size = _config_value(model_config, "sample_size")
     model_hw = tuple(sample_size) if isinstance(sample_size, list | tuple) else (sample_size, sample_size)
@@ -77,7 +126,7 @@ def validate_latent_cache(dataset: datasets.Dataset, info: Mapping[str, Any], mo
         raise ValueError(
             f"The cache holds {kind}s of size {height}x{width} (images at resolution {info['resolution']}) but the "
             f"model has sample_size={sample_size}. Build the model with sample_size={height}, or re-create the cache "
-            "with a matching --resolution."
+            f"with --resolution {model_hw[0] * info['resolution'] // height} if the model is right."
         )
     if not info["conditional"]:
         return

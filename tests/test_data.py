@@ -1,4 +1,4 @@
-"""dp_utils.data: opening a latent cache, validating it against a DiT config, and sampling from it."""
+"""dp_utils.data: image preprocessing, opening a latent cache, validating it against a DiT config, sampling."""
 
 import json
 import shutil
@@ -6,10 +6,19 @@ import shutil
 import datasets
 import numpy as np
 import pytest
+import skimage.data
 import torch
 from diffusers import DiTTransformer2DModel
+from PIL import Image
 
-from dp_utils.data import CACHE_INFO_NAME, LatentDataset, load_latent_cache, validate_latent_cache
+from dp_utils.data import (
+    CACHE_INFO_NAME,
+    LatentDataset,
+    center_crop_arr,
+    load_latent_cache,
+    to_rgb,
+    validate_latent_cache,
+)
 
 
 def dit_config(**overrides) -> dict:
@@ -17,6 +26,34 @@ def dit_config(**overrides) -> dict:
     kwargs = dict(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=1,
                   sample_size=16, patch_size=2, num_embeds_ada_norm=2, norm_num_groups=8)
     return DiTTransformer2DModel(**{**kwargs, **overrides}).config
+
+
+def test_to_rgb_handles_every_mode(photo_dir):
+    rgba = Image.open(photo_dir / "misc/astronaut_rgba.png")
+    assert rgba.mode == "RGBA"
+    rgb = np.asarray(to_rgb(rgba))
+    assert rgb.dtype == np.uint8 and rgb.shape == (512, 512, 3)
+    assert (rgb[:, :64] == 255).all()  # fully transparent pixels composited on white
+    opaque = np.asarray(rgba)[:, -1, :3]
+    np.testing.assert_allclose(rgb[:, -1].astype(int), opaque.astype(int), atol=1)
+
+    sixteen = Image.open(photo_dir / "misc/camera16.png")
+    assert sixteen.mode == "I;16"
+    converted = np.asarray(to_rgb(sixteen))
+    # Written as camera * 257: rescaled back to the 8-bit photo exactly, not clipped to white.
+    np.testing.assert_array_equal(converted, np.repeat(skimage.data.camera()[..., None], 3, axis=-1))
+
+    palette = Image.open(photo_dir / "cat/coffee_palette.png")
+    cmyk = Image.open(photo_dir / "cat/coffee_cmyk.jpg")
+    assert (palette.mode, cmyk.mode) == ("P", "CMYK")
+    for image in (palette, cmyk):
+        assert to_rgb(image).mode == "RGB"
+
+
+@pytest.mark.parametrize("size", [(451, 300), (300, 451), (20, 17), (64, 64), (1000, 130)])
+def test_center_crop_gives_a_square_of_the_resolution(size):
+    image = Image.new("RGB", size, (10, 20, 30))
+    assert center_crop_arr(image, 32).size == (32, 32)
 
 
 def test_missing_cache_says_how_to_make_it(tmp_path):

@@ -9,14 +9,13 @@ import subprocess
 import datasets
 import numpy as np
 import pytest
-import skimage.data
 import torch
 from conftest import CORRUPT_FILES, NUM_DIGITS, PHOTO_FILES, REPO_ROOT, run_precompute
 from diffusers import AutoencoderKL
 from PIL import Image
 
 import precompute_latents
-from dp_utils.data import CACHE_INFO_NAME, load_latent_cache
+from dp_utils.data import CACHE_INFO_NAME, load_image, load_latent_cache, preprocess_image
 
 GOOD_PHOTOS = [f for f in PHOTO_FILES if f not in CORRUPT_FILES]
 
@@ -49,34 +48,6 @@ def test_help_explains_every_flag(capsys):
         assert flag in text
 
 
-def test_to_rgb_handles_every_mode(photo_dir):
-    rgba = Image.open(photo_dir / "misc/astronaut_rgba.png")
-    assert rgba.mode == "RGBA"
-    rgb = np.asarray(precompute_latents.to_rgb(rgba))
-    assert rgb.dtype == np.uint8 and rgb.shape == (512, 512, 3)
-    assert (rgb[:, :64] == 255).all()  # fully transparent pixels composited on white
-    opaque = np.asarray(rgba)[:, -1, :3]
-    np.testing.assert_allclose(rgb[:, -1].astype(int), opaque.astype(int), atol=1)
-
-    sixteen = Image.open(photo_dir / "misc/camera16.png")
-    assert sixteen.mode == "I;16"
-    converted = np.asarray(precompute_latents.to_rgb(sixteen))
-    # Written as camera * 257: rescaled back to the 8-bit photo exactly, not clipped to white.
-    np.testing.assert_array_equal(converted, np.repeat(skimage.data.camera()[..., None], 3, axis=-1))
-
-    palette = Image.open(photo_dir / "cat/coffee_palette.png")
-    cmyk = Image.open(photo_dir / "cat/coffee_cmyk.jpg")
-    assert (palette.mode, cmyk.mode) == ("P", "CMYK")
-    for image in (palette, cmyk):
-        assert precompute_latents.to_rgb(image).mode == "RGB"
-
-
-@pytest.mark.parametrize("size", [(451, 300), (300, 451), (20, 17), (64, 64), (1000, 130)])
-def test_center_crop_gives_a_square_of_the_resolution(size):
-    image = Image.new("RGB", size, (10, 20, 30))
-    assert precompute_latents.center_crop_arr(image, 32).size == (32, 32)
-
-
 def test_photo_cache_contents(photo_cache, photo_dir):
     rows, info = read_cache(photo_cache)
     features = datasets.load_from_disk(str(photo_cache)).features
@@ -102,7 +73,7 @@ def test_latent_mean_and_std_equal_the_vae_encoding(photo_cache, photo_dir, tiny
     rows, info = read_cache(photo_cache)
     vae = AutoencoderKL.from_pretrained(tiny_vae_path)
     for name in ["cat/chelsea.jpg", "misc/astronaut_rgba.png", "misc/camera16.png"]:
-        pixels = precompute_latents.preprocess_image(precompute_latents.load_image(photo_dir / name), 32)
+        pixels = preprocess_image(load_image(photo_dir / name), 32)
         x = torch.from_numpy(pixels).permute(2, 0, 1).float()[None] / 127.5 - 1  # (1, 3, 32, 32)
         row = list(rows["source"]).index(name)
         with torch.no_grad():
@@ -166,6 +137,31 @@ def test_two_processes_give_the_same_cache(tmp_path, photo_cache, photo_cache_ar
     # Equal up to float rounding: the launcher gives each process fewer CPU threads, which reorders some sums.
     assert_same_rows(rows, reference, atol=1e-6)
     assert info["skipped"] == reference_info["skipped"] and info["num_rows"] == 7
+
+
+def test_imagefolder_through_load_dataset_equals_the_folder_reader(tmp_path, photo_cache, photo_cache_args):
+    argv = list(photo_cache_args)
+    argv[argv.index("--train_data_dir")] = "--data_dir"
+    run_precompute(["--dataset_name", "imagefolder", *argv, "--cache_dir", tmp_path / "hf", "--output_dir",
+                    tmp_path / "cache", "--dataloader_num_workers", 2])  # rows decoded in worker processes
+    rows, info = read_cache(tmp_path / "cache")
+    reference, reference_info = read_cache(photo_cache)
+    assert list(rows["source"]) == [f"train[{PHOTO_FILES.index(f)}]" for f in GOOD_PHOTOS]
+    rows["source"] = reference["source"]
+    assert_same_rows(rows, reference)
+    assert [s["source"] for s in info["skipped"]] == ["train[3]", "train[7]"]
+    assert info["class_names"] == reference_info["class_names"]
+
+
+def test_string_labels_become_sorted_class_names(tmp_path, digits_dataset_dir):
+    digits = datasets.load_from_disk(str(digits_dataset_dir)).select(range(6))
+    names = ["even" if y % 2 == 0 else "odd" for y in digits["label"]]
+    digits.remove_columns("label").add_column("parity", names).save_to_disk(str(tmp_path / "parity"))
+    run_precompute(["--dataset_name", tmp_path / "parity", "--label_column", "parity", "--vae", "none",
+                    "--resolution", 8, "--output_dir", tmp_path / "cache"])
+    rows, info = read_cache(tmp_path / "cache")
+    assert info["class_names"] == ["even", "odd"]
+    assert rows["label"].tolist() == [0 if n == "even" else 1 for n in names]
 
 
 def test_digits_in_pixel_space(digits_cache, digits_dataset_dir):
