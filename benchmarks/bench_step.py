@@ -20,17 +20,11 @@ import time
 from pathlib import Path
 
 import torch
-from diffusers import DiTTransformer2DModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import dp_utils  # noqa: E402
+from dp_utils.model import PRESETS, disable_label_dropout, dit_from_preset  # noqa: E402
 
-PRESETS = {  # DiT paper, Table 1
-    "DiT-S/2": dict(num_layers=12, num_attention_heads=6, attention_head_dim=64),
-    "DiT-B/2": dict(num_layers=12, num_attention_heads=12, attention_head_dim=64),
-    "DiT-L/2": dict(num_layers=24, num_attention_heads=16, attention_head_dim=64),
-    "DiT-XL/2": dict(num_layers=28, num_attention_heads=16, attention_head_dim=72),
-}
 MODES = ("non_private", "flash_bk", "flash", "opacus_ghost", "opacus_hooks")
 
 
@@ -45,21 +39,9 @@ def run_mode(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = (
-        DiTTransformer2DModel(
-            in_channels=4,
-            out_channels=8,
-            sample_size=args.latent_size,
-            patch_size=2,
-            num_embeds_ada_norm=1000,
-            **PRESETS[args.model],
-        )
-        .to(device)
-        .train()
-    )
-    for module in model.modules():  # the trainer draws label dropout itself, once per example
-        if hasattr(module, "dropout_prob"):
-            module.dropout_prob = 0.0
+    model = dit_from_preset(args.model, in_channels=4, sample_size=args.latent_size, num_classes=1000)
+    model.to(device).train()
+    disable_label_dropout(model)  # the trainer draws label dropout itself, once per example
     frozen = dp_utils.freeze_embedders(model) if args.mode == "opacus_ghost" else []  # the only way ghost runs
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
