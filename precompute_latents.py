@@ -301,7 +301,7 @@ def encode_shard(
             mean, std = x, None
         else:
             flat = x.flatten(0, 1).to(vae.device, dtype=vae.dtype)  # (B * V, 3, H, W)
-            mean, std = encode_batch(vae, flat, vae.config.scaling_factor, vae.config.shift_factor or 0.0)
+            mean, std = encode_batch(vae, flat, vae.config.scaling_factor, vae.config.get("shift_factor") or 0.0)
             rows["std"].append(std.float().cpu().reshape(len(good), num_views, *latent_shape).numpy())
         rows["mean"].append(mean.float().cpu().reshape(len(good), num_views, *latent_shape).numpy())
         if source.labels is not None:
@@ -501,7 +501,7 @@ def main(args: argparse.Namespace) -> None:
             "vae": settings["vae"],
             "vae_subfolder": settings["vae_subfolder"],
             "scaling_factor": None if vae is None else vae.config.scaling_factor,
-            "shift_factor": None if vae is None else vae.config.shift_factor,
+            "shift_factor": None if vae is None else vae.config.get("shift_factor"),
             "mixed_precision": settings["mixed_precision"],
             "conditional": source.labels is not None,
             "num_classes": len(source.class_names) if source.class_names else 0,

@@ -43,6 +43,12 @@ def test_to_rgb_handles_every_mode(photo_dir):
     # Written as camera * 257: rescaled back to the 8-bit photo exactly, not clipped to white.
     np.testing.assert_array_equal(converted, np.repeat(skimage.data.camera()[..., None], 3, axis=-1))
 
+    camera = skimage.data.camera()
+    alpha = np.full_like(camera, 255)
+    alpha[:, :100] = 0
+    grey_alpha = np.asarray(to_rgb(Image.fromarray(np.dstack([camera, alpha]), mode="LA")))
+    assert (grey_alpha[:, :100] == 255).all() and (grey_alpha[:, 100:, 1] == camera[:, 100:]).all()
+
     palette = Image.open(photo_dir / "cat/coffee_palette.png")
     cmyk = Image.open(photo_dir / "cat/coffee_cmyk.jpg")
     assert (palette.mode, cmyk.mode) == ("P", "CMYK")
