@@ -15,7 +15,7 @@ image must live in its row. Training draws a fresh `mean + std * randn` per step
 The input is split into shards of --shard_size images; each shard is saved, then marked finished, so a killed run
 resumes from the finished shards, and several processes (`accelerate launch`) split the shards between them. The main
 process then merges the shards in order into one dataset in --output_dir (`datasets.load_from_disk`) and writes
-`cache_info.json` last: a directory without it is not a finished cache.
+`cache_info.json` last: a directory without it is not a finished cache. The format is described in dp_utils/data.py.
 
 Images of any mode become 8-bit RGB: 16-bit greyscale is rescaled to 8 bits (not clipped), transparency is composited
 on white, and the EXIF orientation is applied. They are then resized and centre-cropped as DiT/ADM do
