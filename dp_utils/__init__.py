@@ -7,6 +7,7 @@ from .freezing import freeze_embedders, freeze_reused_modules
 from .groups import RowGroups
 from .losses import DPCriterion, DPLoss, per_sample_mse
 from .privacy import GRAD_SAMPLE_MODES, PrivacyEngine, make_private
+from .sampling import PoissonBatchSampler, poisson_data_loader
 
 __all__ = [
     "BatchMemoryManager",
@@ -14,6 +15,7 @@ __all__ = [
     "DPCriterion",
     "DPLoss",
     "GRAD_SAMPLE_MODES",
+    "PoissonBatchSampler",
     "PrivacyEngine",
     "RowGroups",
     "UnsupportedModuleError",
@@ -21,4 +23,5 @@ __all__ = [
     "freeze_reused_modules",
     "make_private",
     "per_sample_mse",
+    "poisson_data_loader",
 ]

@@ -1,8 +1,10 @@
 """make_private: the Opacus flow (sampler, DP optimizer, accountant) around our clipping engine.
 
-Sampling, noise, scaling and accounting are Opacus' own: `DPDataLoader` (Poisson), the fast-gradient-clipping
-optimizers (they read the clipped sum from `.grad`, add N(0, sigma^2 C^2) once per logical batch, divide by the
-expected batch size), and the RDP/PRV accountants fed by the optimizer's step hook.
+Noise, scaling and accounting are Opacus' own: the fast-gradient-clipping optimizers (they read the clipped sum
+from `.grad`, add N(0, sigma^2 C^2) once per logical batch, divide by the expected batch size), and the RDP/PRV
+accountants fed by the optimizer's step hook. Poisson sampling is Opacus' `DPDataLoader` in one process and our
+lock-step `PoissonBatchSampler` across processes (Opacus' distributed sampler skips empty local batches, so ranks
+can take different numbers of steps and hang in the all-reduce).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from torch.utils.data import DataLoader
 from .engine import MODES, ClippingEngine
 from .groups import RowGroups
 from .losses import DPCriterion, per_sample_mse
+from .sampling import poisson_data_loader
 
 GRAD_SAMPLE_MODES = (*MODES, "opacus_ghost", "opacus_hooks")
 
@@ -74,6 +77,7 @@ class PrivacyEngine:
         noise_multiplicity: int = 1,
         distributed: bool = False,
         noise_generator: torch.Generator | None = None,
+        sampling_seed: int | None = None,
     ) -> tuple[nn.Module, DPOptimizer, DPCriterion, DataLoader]:
         """Returns (module, optimizer, criterion, data_loader) ready for DP-SGD.
 
@@ -81,14 +85,19 @@ class PrivacyEngine:
         each example's gradient to `max_grad_norm`. With `noise_multiplicity=K` every example is K consecutive
         rows of the batch, clipped as one (the gradient of the sum of its row losses); or pass `group_ids=` to
         the criterion call. `distributed=True` (one process per rank, no DDP wrapper) makes each rank sample its
-        share of the Poisson batch and adds the noise once in total.
+        share of the Poisson batch and adds the noise once in total; its batches follow `sampling_seed`, the same
+        on every rank (None: rank 0 draws one from torch's RNG and sends it to all), so that a resumed run can
+        rebuild them (`data_loader.batch_sampler.set_step`).
         """
         if grad_sample_mode not in GRAD_SAMPLE_MODES:
             raise ValueError(f"grad_sample_mode must be one of {GRAD_SAMPLE_MODES}, got {grad_sample_mode!r}")
         if grad_sample_mode.startswith("opacus") and noise_multiplicity != 1:
             raise ValueError(f"noise_multiplicity > 1 needs our engine (flash_bk or flash), not {grad_sample_mode}.")
-        if poisson_sampling:
-            data_loader = DPDataLoader.from_data_loader(data_loader, distributed=distributed)
+        if poisson_sampling and distributed:
+            seed = _shared_seed() if sampling_seed is None else sampling_seed
+            data_loader = poisson_data_loader(data_loader, seed=seed, distributed=True)
+        elif poisson_sampling:
+            data_loader = DPDataLoader.from_data_loader(data_loader)
         sample_rate = 1 / len(data_loader)
         expected_batch_size = int(len(data_loader.dataset) * sample_rate)
         if distributed:
@@ -161,6 +170,13 @@ class PrivacyEngine:
     def get_epsilon(self, delta: float) -> float:
         """Epsilon spent so far at this delta, by the accountant fed with every noisy step taken."""
         return self.accountant.get_epsilon(delta=delta)
+
+
+def _shared_seed() -> int:
+    """A seed drawn from torch's RNG on rank 0 and sent to every rank, so that all ranks agree on the batches."""
+    seed = [int(torch.randint(2**63 - 1, ()).item())]
+    torch.distributed.broadcast_object_list(seed, src=0)
+    return seed[0]
 
 
 def _opacus_rows_only(group_ids):
