@@ -38,12 +38,12 @@ import numpy as np
 import torch
 from accelerate import PartialState
 from accelerate.logging import get_logger
-from accelerate.utils import parse_flag_from_env
 from diffusers import AutoencoderKL
 from PIL import Image
 from tqdm.auto import tqdm
 
 from dp_utils.data import CACHE_FORMAT_VERSION, CACHE_INFO_NAME, load_image, preprocess_image
+from dp_utils.distributed import check_world_size, run_on_cpu
 
 logger = get_logger(__name__)
 
@@ -342,13 +342,8 @@ def merge_shards(output_dir: Path, num_shards: int) -> tuple[datasets.Dataset, l
 
 def make_state() -> PartialState:
     """Accelerate's process state; several processes without a GPU share the work on CPU (gloo)."""
-    # `accelerate launch --cpu` starts a single process, so CPU processes come from `--multi_gpu` (torchrun) on a
-    # machine without GPUs, where a plain PartialState() would leave each one thinking it is alone.
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    has_accelerator = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
-    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or (world_size > 1 and not has_accelerator))
-    if state.num_processes != world_size:
-        raise RuntimeError(f"Started as {world_size} processes but accelerate set up {state.num_processes}.")
+    state = PartialState(cpu=run_on_cpu())
+    check_world_size(state.num_processes)
     return state
 
 

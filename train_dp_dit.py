@@ -31,8 +31,16 @@ from tqdm.auto import tqdm
 
 import dp_utils
 from dp_utils.data import LatentDataset, load_latent_cache
+from dp_utils.distributed import check_world_size, run_on_cpu
 from dp_utils.generation import generate
-from dp_utils.model import PRESETS, disable_label_dropout, dit_from_preset, drop_labels, resize_label_table
+from dp_utils.model import (
+    PRESETS,
+    disable_label_dropout,
+    dit_from_preset,
+    drop_labels,
+    pad_label_table_for_pipeline,
+    resize_label_table,
+)
 from dp_utils.sampling import PoissonBatchSampler
 
 logger = get_logger(__name__)
@@ -135,6 +143,7 @@ def save_pipeline(args, model, ema, scheduler, vae, dataset, report) -> None:
     out = Path(args.output_dir)
     if ema is not None:
         ema.copy_to(model.parameters())  # sampling uses the EMA weights
+    pad_label_table_for_pipeline(model)
     id2label = dict(enumerate(dataset.class_names)) if dataset.conditional else None
     if vae is not None:
         DiTPipeline(
@@ -163,8 +172,11 @@ def save_pipeline(args, model, ema, scheduler, vae, dataset, report) -> None:
 
 def main(args):
     project = ProjectConfiguration(project_dir=args.output_dir, logging_dir=str(Path(args.output_dir, "logs")))
-    accelerator = Accelerator(mixed_precision=args.mixed_precision, log_with=args.report_to, project_config=project)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    accelerator = Accelerator(
+        mixed_precision=args.mixed_precision, log_with=args.report_to, project_config=project, cpu=run_on_cpu()
+    )
+    check_world_size(accelerator.num_processes)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO, force=True)
     set_seed(args.seed)  # the same on every rank: identical initial models
 
     info = load_latent_cache(args.train_data_dir)[1]
@@ -317,7 +329,8 @@ def main(args):
     accelerator.wait_for_everyone()
     if world > 1:  # the noise is drawn on rank 0 and all-reduced: ranks that differ would void the accounting
         checksum = torch.stack([p.detach().double().sum() for p in model.parameters()]).to(accelerator.device)
-        if not torch.equal(accelerator.reduce(checksum, "max"), accelerator.reduce(checksum, "min")):
+        checksums = accelerator.gather(checksum[None])  # (world, params)
+        if not (checksums == checksums[0]).all():
             raise RuntimeError("The processes ended with different weights; the run is not a valid DP run.")
     if accelerator.is_main_process:
         report = dict(

@@ -6,6 +6,8 @@ import torch
 from diffusers import DiTTransformer2DModel
 from diffusers.models.embeddings import LabelEmbedding
 
+PIPELINE_NULL_CLASS = 1000  # DiTPipeline.__call__ uses class 1000 as the unconditional label
+
 PRESETS = {  # DiT paper, Table 1 (patch size 2)
     "DiT-S/2": dict(num_layers=12, num_attention_heads=6, attention_head_dim=64),
     "DiT-B/2": dict(num_layers=12, num_attention_heads=12, attention_head_dim=64),
@@ -33,23 +35,35 @@ def label_tables(model: DiTTransformer2DModel) -> list[LabelEmbedding]:
     return [m for m in model.modules() if isinstance(m, LabelEmbedding)]
 
 
-def resize_label_table(model: DiTTransformer2DModel, num_classes: int) -> None:
+def resize_label_table(model: DiTTransformer2DModel, num_classes: int, keep_classes: bool = False) -> None:
     """Give every label table `num_classes` rows plus the null row, keeping the checkpoint's null row.
 
-    The null (guidance) row carries what the checkpoint learned unconditionally; new class rows start from it,
-    so every class starts at the unconditional model and DP training only has to learn the differences.
+    The null (guidance) row carries what the checkpoint learned unconditionally. New class rows start from it, so
+    every class starts at the unconditional model and DP training only learns the differences; `keep_classes`
+    keeps the first rows' trained classes instead (used to pad a table back to DiTPipeline's 1000 classes).
     """
     for table in label_tables(model):
         old = table.embedding_table.weight.data
         if old.shape[0] != table.num_classes + 1:
             raise ValueError("The label table has no null row (trained without class dropout); it cannot be resized.")
-        null_row = old[table.num_classes]
         new = torch.nn.Embedding(num_classes + 1, old.shape[1], device=old.device, dtype=old.dtype)
-        new.weight.data[:] = null_row
+        new.weight.data[:] = old[table.num_classes]
+        if keep_classes:
+            kept = min(num_classes, table.num_classes)
+            new.weight.data[:kept] = old[:kept]
         new.weight.requires_grad_(table.embedding_table.weight.requires_grad)
         table.embedding_table = new
         table.num_classes = num_classes
     model.register_to_config(num_embeds_ada_norm=num_classes)
+
+
+def pad_label_table_for_pipeline(model: DiTTransformer2DModel) -> None:
+    """DiTPipeline hard-codes the null class as id 1000: pad a smaller table with null rows so guidance works.
+
+    Class ids 0..n-1 stay the trained classes; ids n..999 act as the null class.
+    """
+    if model.config.num_embeds_ada_norm < PIPELINE_NULL_CLASS:
+        resize_label_table(model, PIPELINE_NULL_CLASS, keep_classes=True)
 
 
 def disable_label_dropout(model: DiTTransformer2DModel) -> None:

@@ -1,0 +1,260 @@
+"""train_dp_dit.py end to end through `accelerate launch` on CPU, on tiny pipelines saved to disk."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+
+import pytest
+import torch
+from conftest import REPO_ROOT
+from diffusers import DDPMScheduler, DiTPipeline, DiTTransformer2DModel, DPMSolverMultistepScheduler
+
+import train_dp_dit
+from dp_utils.generation import generate
+
+TINY = dict(num_attention_heads=2, attention_head_dim=8, num_layers=2, patch_size=2, num_embeds_ada_norm=1000)
+
+
+@pytest.fixture(scope="session")
+def pixel_pipeline(tmp_path_factory):
+    """A DiT 'checkpoint' for 8x8 RGB pixels with ImageNet's 1000 classes, laid out like a Hub pipeline."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("pixel_pipeline")
+    DiTTransformer2DModel(in_channels=3, out_channels=6, sample_size=8, **TINY).save_pretrained(path / "transformer")
+    DDPMScheduler(num_train_timesteps=1000).save_pretrained(path / "scheduler")
+    return path
+
+
+@pytest.fixture(scope="session")
+def latent_pipeline(tmp_path_factory, tiny_vae_path):
+    """A DiTPipeline (tiny transformer, the tiny VAE, DDPM) saved with save_pretrained, loaded back by path."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    transformer = DiTTransformer2DModel(in_channels=4, out_channels=8, sample_size=16, **TINY)
+    vae = AutoencoderKL.from_pretrained(tiny_vae_path)
+    path = tmp_path_factory.mktemp("latent_pipeline")
+    DiTPipeline(transformer=transformer, vae=vae, scheduler=DDPMScheduler()).save_pretrained(path)
+    return path
+
+
+def launch(args, tmp_path, processes=1):
+    """`accelerate launch train_dp_dit.py ...` on CPU; returns the finished process."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    distributed = ["--multi_gpu", "--num_processes", "2"] if processes == 2 else ["--num_processes", "1", "--cpu"]
+    command = [
+        "accelerate",
+        "launch",
+        *distributed,
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(port),
+        str(REPO_ROOT / "train_dp_dit.py"),
+        "--report_to",
+        "none",
+        *[str(a) for a in args],
+    ]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
+
+
+def pixel_args(pipeline, cache, out, *extra):
+    return [
+        "--pretrained_model_name_or_path",
+        pipeline,
+        "--train_data_dir",
+        cache,
+        "--output_dir",
+        out,
+        "--logical_batch_size",
+        16,
+        "--max_physical_batch_size",
+        6,
+        "--seed",
+        3,
+        *extra,
+    ]
+
+
+def transformer_weights(out):
+    return DiTTransformer2DModel.from_pretrained(out / "transformer").state_dict()
+
+
+def test_pixel_run_writes_model_samples_and_report(tmp_path, pixel_pipeline, digits_cache):
+    out = tmp_path / "out"
+    result = launch(
+        pixel_args(
+            pixel_pipeline,
+            digits_cache,
+            out,
+            "--target_epsilon",
+            8,
+            "--max_train_steps",
+            3,
+            "--validation_steps",
+            3,
+            "--use_ema",
+            "--noise_multiplicity",
+            2,
+        ),
+        tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "eps=" in result.stderr  # tqdm shows epsilon
+    report = json.loads((out / "privacy_report.json").read_text())
+    assert report["steps"] == 3 and report["dataset_size"] == 120 and report["noise_multiplicity"] == 2
+    assert report["epsilon"] == pytest.approx(8, rel=0.02) and report["frozen"] == []
+    assert report["sample_rate"] == pytest.approx(1 / 8)  # ceil(120 / 16) steps per epoch
+    assert "one training image" in (out / "README.md").read_text()
+    assert (out / "samples" / "step-000003.png").is_file()
+    assert "Resizing the label table to the dataset's 10 classes" in result.stderr  # trained on 10 + null rows
+    model = DiTTransformer2DModel.from_pretrained(out / "transformer")
+    assert model.config.num_embeds_ada_norm == 1000  # saved padded: DiTPipeline's null class is id 1000
+    table = model.transformer_blocks[0].norm1.emb.class_embedder.embedding_table.weight
+    assert torch.equal(table[10], table[1000]) and torch.equal(table[999], table[1000])
+    assert not torch.equal(table[9], table[1000])  # trained digit classes differ from the null row
+    scheduler = DPMSolverMultistepScheduler.from_pretrained(out / "scheduler")
+    images = generate(model, scheduler, [0, 9], null_label=1000, num_inference_steps=2)
+    assert images.shape == (2, 3, 8, 8)
+
+
+def test_latent_run_loads_as_dit_pipeline(tmp_path, latent_pipeline, photo_cache):
+    out = tmp_path / "out"
+    args = [
+        "--pretrained_model_name_or_path",
+        latent_pipeline,
+        "--train_data_dir",
+        photo_cache,
+        "--output_dir",
+        out,
+        "--logical_batch_size",
+        4,
+        "--max_physical_batch_size",
+        2,
+        "--noise_multiplier",
+        1.0,
+        "--max_train_steps",
+        2,
+    ]
+    result = launch(args, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    pipeline = DiTPipeline.from_pretrained(out)
+    image = pipeline(class_labels=[1], num_inference_steps=2, guidance_scale=4.0, output_type="np").images
+    assert image.shape == (1, 32, 32, 3)
+
+
+def test_two_processes_train_in_step(tmp_path, pixel_pipeline, digits_cache):
+    out = tmp_path / "out"
+    result = launch(
+        pixel_args(
+            pixel_pipeline,
+            digits_cache,
+            out,
+            "--noise_multiplier",
+            1.0,
+            "--max_train_steps",
+            4,
+            "--logical_batch_size",
+            4,
+        ),
+        tmp_path,
+        processes=2,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]  # includes the check that both ranks hold equal weights
+    report = json.loads((out / "privacy_report.json").read_text())
+    assert report["world_size"] == 2 and report["steps"] == 4
+
+
+def test_resume_equals_uninterrupted_run_and_spent_budget_is_refused(tmp_path, pixel_pipeline, digits_cache):
+    flags = ["--target_epsilon", 5, "--max_train_steps", 4, "--checkpointing_steps", 2, "--use_ema"]
+    full = tmp_path / "full"
+    result = launch(pixel_args(pixel_pipeline, digits_cache, full, *flags), tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    resumed = tmp_path / "resumed"
+    shutil.copytree(full / "checkpoint-2", resumed / "checkpoint-2")
+    result = launch(
+        pixel_args(pixel_pipeline, digits_cache, resumed, *flags, "--resume_from_checkpoint", "latest"), tmp_path
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    expected, got = transformer_weights(full), transformer_weights(resumed)
+    assert all(torch.equal(expected[k], got[k]) for k in expected)  # same batches, noise and draws: same weights
+    reports = [json.loads((d / "privacy_report.json").read_text()) for d in (full, resumed)]
+    assert reports[0] == reports[1]  # epsilon continued from the checkpoint, not from zero
+
+    result = launch(
+        pixel_args(pixel_pipeline, digits_cache, full, *flags, "--resume_from_checkpoint", full / "checkpoint-4"),
+        tmp_path,
+    )
+    assert result.returncode != 0 and "privacy budget of this run is already spent" in result.stderr
+
+
+def run_in_process(*args):
+    train_dp_dit.main(train_dp_dit.parse_args([str(a) for a in args]))
+
+
+def test_bad_inputs_fail_before_training(tmp_path, pixel_pipeline, latent_pipeline, digits_cache):
+    out = tmp_path / "out"
+    with pytest.raises(FileNotFoundError, match="No finished latent cache.*precompute_latents.py"):
+        run_in_process(*pixel_args(pixel_pipeline, tmp_path / "nowhere", out, "--noise_multiplier", 1))
+    with pytest.raises(ValueError, match="3-channel pixels.*in_channels=4"):
+        run_in_process(
+            "--pretrained_model_name_or_path",
+            latent_pipeline,
+            "--train_data_dir",
+            digits_cache,
+            "--output_dir",
+            out,
+            "--noise_multiplier",
+            1,
+            "--report_to",
+            "none",
+        )
+    assert not out.exists()  # nothing half-written
+    with pytest.raises(ValueError, match="exactly one of --pretrained_model_name_or_path or --model_config"):
+        train_dp_dit.parse_args(["--train_data_dir", str(digits_cache), "--noise_multiplier", "1"])
+    with pytest.raises(SystemExit):  # a budget is required: --target_epsilon or --noise_multiplier
+        train_dp_dit.parse_args(["--model_config", "DiT-S/2", "--train_data_dir", str(digits_cache)])
+
+
+def test_resume_with_other_privacy_flags_is_refused(tmp_path, pixel_pipeline, digits_cache):
+    out = tmp_path / "out"
+    result = launch(
+        pixel_args(
+            pixel_pipeline,
+            digits_cache,
+            out,
+            "--noise_multiplier",
+            1.0,
+            "--max_train_steps",
+            2,
+            "--checkpointing_steps",
+            1,
+        ),
+        tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    with pytest.raises(ValueError, match="noise_multiplier.*resuming would break the privacy accounting"):
+        run_in_process(
+            *pixel_args(
+                pixel_pipeline,
+                digits_cache,
+                out,
+                "--noise_multiplier",
+                2.0,
+                "--max_train_steps",
+                2,
+                "--resume_from_checkpoint",
+                out / "checkpoint-1",
+                "--report_to",
+                "none",
+            )
+        )
