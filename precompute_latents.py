@@ -179,8 +179,10 @@ def read_dataset(args: argparse.Namespace) -> ImageSource:
             raise ValueError(f"--label_column '{label_column}' holds {label_feature}: expected class ids or names.")
         bad = [i for i, v in enumerate(values) if not 0 <= v < len(class_names)]
         if bad:
-            raise ValueError(f"Row {bad[0]} has label {values[bad[0]]}, outside 0..{len(class_names) - 1}; drop "
-                             "unlabelled rows, or pass --label_column none for an unconditional cache.")
+            raise ValueError(
+                f"Row {bad[0]} has label {values[bad[0]]}, outside 0..{len(class_names) - 1}; drop "
+                "unlabelled rows, or pass --label_column none for an unconditional cache."
+            )
         labels = values
     listing = f"{len(dataset)} rows {dataset.features}"
     return ImageSource(
@@ -274,13 +276,22 @@ def cache_features(shape: tuple, pixel_space: bool, class_names: list[str] | Non
 
 
 def encode_shard(
-    source: ImageSource, start: int, end: int, args: argparse.Namespace, vae: AutoencoderKL | None,
-    latent_shape: list[int], progress: tqdm,
+    source: ImageSource,
+    start: int,
+    end: int,
+    args: argparse.Namespace,
+    vae: AutoencoderKL | None,
+    latent_shape: list[int],
+    progress: tqdm,
 ) -> tuple[dict[str, list], list[dict]]:
     """Encode input images `start..end`: the cache columns of the readable ones, and what was skipped and why."""
     num_views = 2 if args.flip else 1
-    loader = torch.utils.data.DataLoader(ImageRows(source, start, end, args.resolution), batch_size=args.batch_size,
-                                         num_workers=args.dataloader_num_workers, collate_fn=list)
+    loader = torch.utils.data.DataLoader(
+        ImageRows(source, start, end, args.resolution),
+        batch_size=args.batch_size,
+        num_workers=args.dataloader_num_workers,
+        collate_fn=list,
+    )
     rows = {"mean": [], "std": [], "label": [], "source": []}
     skipped = []
     for batch in loader:
@@ -288,8 +299,10 @@ def encode_shard(
             if error is None:
                 continue
             if args.strict:
-                raise ValueError(f"Cannot read image {source.ids[i]}: {error}. Fix or remove it, or run without "
-                                 "--strict to skip unreadable images.")
+                raise ValueError(
+                    f"Cannot read image {source.ids[i]}: {error}. Fix or remove it, or run without "
+                    "--strict to skip unreadable images."
+                )
             logger.warning(f"Skipping unreadable image {source.ids[i]}: {error}", main_process_only=False)
             skipped.append({"source": source.ids[i], "error": error})
         good = [(i, pixels) for i, pixels, error in batch if error is None]
@@ -351,48 +364,99 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     """Parse the command line."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     data = parser.add_argument_group("input (give --dataset_name or --train_data_dir)")
-    data.add_argument("--dataset_name", type=str, default=None,
-                      help="A Hub dataset id, a local folder loadable by `datasets.load_dataset` (e.g. 'imagefolder' "
-                      "with --data_dir), or a folder written by `Dataset.save_to_disk`.")
+    data.add_argument(
+        "--dataset_name",
+        type=str,
+        default=None,
+        help="A Hub dataset id, a local folder loadable by `datasets.load_dataset` (e.g. 'imagefolder' "
+        "with --data_dir), or a folder written by `Dataset.save_to_disk`.",
+    )
     data.add_argument("--dataset_config_name", type=str, default=None, help="The dataset's config, if it has several.")
     data.add_argument("--data_dir", type=str, default=None, help="`data_dir` for `datasets.load_dataset`.")
     data.add_argument("--split", type=str, default="train", help="The split to encode (default: %(default)s).")
-    data.add_argument("--image_column", type=str, default="image",
-                      help="Column of images (or image file paths) in --dataset_name (default: %(default)s).")
-    data.add_argument("--label_column", type=str, default=None,
-                      help="Column of class ids or names. Default: 'label' if the dataset has one, else an "
-                      "unconditional cache. 'none': ignore labels (unconditional), also for --train_data_dir.")
-    data.add_argument("--train_data_dir", type=str, default=None,
-                      help="A folder with one sub-folder of images per class (labels from the sorted folder names), "
-                      "or a folder of images only (unconditional).")
+    data.add_argument(
+        "--image_column",
+        type=str,
+        default="image",
+        help="Column of images (or image file paths) in --dataset_name (default: %(default)s).",
+    )
+    data.add_argument(
+        "--label_column",
+        type=str,
+        default=None,
+        help="Column of class ids or names. Default: 'label' if the dataset has one, else an "
+        "unconditional cache. 'none': ignore labels (unconditional), also for --train_data_dir.",
+    )
+    data.add_argument(
+        "--train_data_dir",
+        type=str,
+        default=None,
+        help="A folder with one sub-folder of images per class (labels from the sorted folder names), "
+        "or a folder of images only (unconditional).",
+    )
     model = parser.add_argument_group("encoding")
-    model.add_argument("--vae", type=str, default=None,
-                       help=f"Hub id or local path of an AutoencoderKL (default {DEFAULT_VAE}), or 'none' to store "
-                       "pixels scaled to [-1, 1] for pixel-space training.")
-    model.add_argument("--pretrained_model_name_or_path", type=str, default=None,
-                       help="A DiT pipeline (Hub id or folder) whose vae/ subfolder is used instead of --vae.")
-    model.add_argument("--resolution", type=int, default=256,
-                       help="Images are resized and centre-cropped to this square size (a multiple of the VAE's "
-                       "downsampling factor; the default %(default)s gives 32x32 latents with the SD VAE).")
-    model.add_argument("--flip", action="store_true",
-                       help="Also encode the mirrored image, into the same row (so augmentation stays in the row).")
-    model.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
-                       help="Precision of the VAE. Default: accelerate's setting, else 'no' (fp32). The cache is "
-                       "stored in fp32.")
-    model.add_argument("--batch_size", type=int, default=32,
-                       help="Images per VAE forward pass, per process (default: %(default)s).")
-    model.add_argument("--dataloader_num_workers", type=int, default=0,
-                       help="Worker processes that decode and resize images (0: in the main process).")
+    model.add_argument(
+        "--vae",
+        type=str,
+        default=None,
+        help=f"Hub id or local path of an AutoencoderKL (default {DEFAULT_VAE}), or 'none' to store "
+        "pixels scaled to [-1, 1] for pixel-space training.",
+    )
+    model.add_argument(
+        "--pretrained_model_name_or_path",
+        type=str,
+        default=None,
+        help="A DiT pipeline (Hub id or folder) whose vae/ subfolder is used instead of --vae.",
+    )
+    model.add_argument(
+        "--resolution",
+        type=int,
+        default=256,
+        help="Images are resized and centre-cropped to this square size (a multiple of the VAE's "
+        "downsampling factor; the default %(default)s gives 32x32 latents with the SD VAE).",
+    )
+    model.add_argument(
+        "--flip",
+        action="store_true",
+        help="Also encode the mirrored image, into the same row (so augmentation stays in the row).",
+    )
+    model.add_argument(
+        "--mixed_precision",
+        type=str,
+        default=None,
+        choices=["no", "fp16", "bf16"],
+        help="Precision of the VAE. Default: accelerate's setting, else 'no' (fp32). The cache is stored in fp32.",
+    )
+    model.add_argument(
+        "--batch_size", type=int, default=32, help="Images per VAE forward pass, per process (default: %(default)s)."
+    )
+    model.add_argument(
+        "--dataloader_num_workers",
+        type=int,
+        default=0,
+        help="Worker processes that decode and resize images (0: in the main process).",
+    )
     out = parser.add_argument_group("output")
-    out.add_argument("--output_dir", type=str, required=True,
-                     help=f"Where the cache goes: the dataset (`datasets.load_from_disk`) and {CACHE_INFO_NAME}. "
-                     "Re-running with the same settings resumes an unfinished cache.")
+    out.add_argument(
+        "--output_dir",
+        type=str,
+        required=True,
+        help=f"Where the cache goes: the dataset (`datasets.load_from_disk`) and {CACHE_INFO_NAME}. "
+        "Re-running with the same settings resumes an unfinished cache.",
+    )
     out.add_argument("--cache_dir", type=str, default=None, help="Where downloaded datasets and models are cached.")
-    out.add_argument("--shard_size", type=int, default=1000,
-                     help="Input images per shard: the unit that is saved, resumed, and split between processes "
-                     "(default: %(default)s).")
-    out.add_argument("--strict", action="store_true",
-                     help="Stop on an unreadable image instead of skipping it (skips are listed in the metadata).")
+    out.add_argument(
+        "--shard_size",
+        type=int,
+        default=1000,
+        help="Input images per shard: the unit that is saved, resumed, and split between processes "
+        "(default: %(default)s).",
+    )
+    out.add_argument(
+        "--strict",
+        action="store_true",
+        help="Stop on an unreadable image instead of skipping it (skips are listed in the metadata).",
+    )
     args = parser.parse_args(input_args)
     args.argv = list(sys.argv[1:] if input_args is None else input_args)
     if (args.dataset_name is None) == (args.train_data_dir is None):
@@ -472,10 +536,14 @@ def main(args: argparse.Namespace) -> None:
     mine = [k for k in range(state.process_index, num_shards, state.num_processes)]
     todo = [k for k in mine if not (shards_dir / f"{k:05d}.done.json").is_file()]
     bounds = {k: (k * args.shard_size, min((k + 1) * args.shard_size, len(source.ids))) for k in todo}
-    logger.info(f"{len(source.ids)} images in {num_shards} shards. Process {state.process_index} of "
-                f"{state.num_processes}: shards {mine}, {len(mine) - len(todo)} done before.", main_process_only=False)
-    progress = tqdm(total=sum(e - s for s, e in bounds.values()), desc="Encoding",
-                    disable=not state.is_local_main_process)
+    logger.info(
+        f"{len(source.ids)} images in {num_shards} shards. Process {state.process_index} of "
+        f"{state.num_processes}: shards {mine}, {len(mine) - len(todo)} done before.",
+        main_process_only=False,
+    )
+    progress = tqdm(
+        total=sum(e - s for s, e in bounds.values()), desc="Encoding", disable=not state.is_local_main_process
+    )
     for k in todo:
         rows, skipped = encode_shard(source, *bounds[k], args, vae, latent_shape, progress)
         save_shard(shards_dir, k, rows, skipped, features)

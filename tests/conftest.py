@@ -118,6 +118,7 @@ def digits_dataset_dir(tmp_path_factory) -> Path:
 def digits_cache(tmp_path_factory, digits_dataset_dir) -> Path:
     """The digits in pixel space (`--vae none`) at 8x8, with flips."""
     out = tmp_path_factory.mktemp("digits_cache") / "cache"
-    run_precompute(["--dataset_name", digits_dataset_dir, "--vae", "none", "--resolution", 8, "--flip",
-                    "--output_dir", out])
+    run_precompute(
+        ["--dataset_name", digits_dataset_dir, "--vae", "none", "--resolution", 8, "--flip", "--output_dir", out]
+    )
     return out

@@ -23,8 +23,17 @@ from dp_utils.data import (
 
 def dit_config(**overrides) -> dict:
     """The config of a tiny real DiT: 4 latent channels, 16x16 latents, 2 classes unless overridden."""
-    kwargs = dict(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=1,
-                  sample_size=16, patch_size=2, num_embeds_ada_norm=2, norm_num_groups=8)
+    kwargs = dict(
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=8,
+        num_layers=1,
+        sample_size=16,
+        patch_size=2,
+        num_embeds_ada_norm=2,
+        norm_num_groups=8,
+    )
     return DiTTransformer2DModel(**{**kwargs, **overrides}).config
 
 
@@ -112,8 +121,11 @@ def test_batches_from_a_dataloader(photo_cache):
 
 
 def test_wrong_channel_count_is_explained(photo_cache):
-    with pytest.raises(ValueError, match=r"4-channel latents .* model has in_channels=3\. Build the model with "
-                       r"in_channels=4"):
+    with pytest.raises(
+        ValueError,
+        match=r"4-channel latents .* model has in_channels=3\. Build the model with "
+        r"in_channels=4",
+    ):
         LatentDataset(photo_cache, model_config=dit_config(in_channels=3, out_channels=6))
 
 
@@ -123,8 +135,11 @@ def test_wrong_sample_size_is_explained(photo_cache):
 
 
 def test_label_out_of_range_names_the_row(photo_cache):
-    with pytest.raises(ValueError, match=r"Row 3 of the cache \(source 'misc/astronaut_rgba\.png'\) has label 1 but "
-                       r"the model has num_embeds_ada_norm=1 classes.*num_embeds_ada_norm=2"):
+    with pytest.raises(
+        ValueError,
+        match=r"Row 3 of the cache \(source 'misc/astronaut_rgba\.png'\) has label 1 but "
+        r"the model has num_embeds_ada_norm=1 classes.*num_embeds_ada_norm=2",
+    ):
         LatentDataset(photo_cache, model_config=dit_config(num_embeds_ada_norm=1))
 
 

@@ -41,10 +41,26 @@ def test_help_explains_every_flag(capsys):
         precompute_latents.parse_args(["--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
-    for flag in ["--dataset_name", "--dataset_config_name", "--data_dir", "--split", "--image_column",
-                 "--label_column", "--train_data_dir", "--vae", "--pretrained_model_name_or_path", "--resolution",
-                 "--flip", "--mixed_precision", "--batch_size", "--dataloader_num_workers", "--output_dir",
-                 "--cache_dir", "--shard_size", "--strict"]:
+    for flag in [
+        "--dataset_name",
+        "--dataset_config_name",
+        "--data_dir",
+        "--split",
+        "--image_column",
+        "--label_column",
+        "--train_data_dir",
+        "--vae",
+        "--pretrained_model_name_or_path",
+        "--resolution",
+        "--flip",
+        "--mixed_precision",
+        "--batch_size",
+        "--dataloader_num_workers",
+        "--output_dir",
+        "--cache_dir",
+        "--shard_size",
+        "--strict",
+    ]:
         assert flag in text
 
 
@@ -125,9 +141,25 @@ def test_two_processes_give_the_same_cache(tmp_path, photo_cache, photo_cache_ar
         port = s.getsockname()[1]
     out = tmp_path / "cache"
     # `--cpu` would start a single process; on a machine without GPUs the script runs these on CPU with gloo.
-    command = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
-               str(REPO_ROOT / "precompute_latents.py"), *photo_cache_args, "--output_dir", str(out)]
+    command = [
+        "accelerate",
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(port),
+        str(REPO_ROOT / "precompute_latents.py"),
+        *photo_cache_args,
+        "--output_dir",
+        str(out),
+    ]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -142,8 +174,19 @@ def test_two_processes_give_the_same_cache(tmp_path, photo_cache, photo_cache_ar
 def test_imagefolder_through_load_dataset_equals_the_folder_reader(tmp_path, photo_cache, photo_cache_args):
     argv = list(photo_cache_args)
     argv[argv.index("--train_data_dir")] = "--data_dir"
-    run_precompute(["--dataset_name", "imagefolder", *argv, "--cache_dir", tmp_path / "hf", "--output_dir",
-                    tmp_path / "cache", "--dataloader_num_workers", 2])  # rows decoded in worker processes
+    run_precompute(
+        [
+            "--dataset_name",
+            "imagefolder",
+            *argv,
+            "--cache_dir",
+            tmp_path / "hf",
+            "--output_dir",
+            tmp_path / "cache",
+            "--dataloader_num_workers",
+            2,
+        ]
+    )  # rows decoded in worker processes
     rows, info = read_cache(tmp_path / "cache")
     reference, reference_info = read_cache(photo_cache)
     assert list(rows["source"]) == [f"train[{PHOTO_FILES.index(f)}]" for f in GOOD_PHOTOS]
@@ -157,8 +200,20 @@ def test_string_labels_become_sorted_class_names(tmp_path, digits_dataset_dir):
     digits = datasets.load_from_disk(str(digits_dataset_dir)).select(range(6))
     names = ["even" if y % 2 == 0 else "odd" for y in digits["label"]]
     digits.remove_columns("label").add_column("parity", names).save_to_disk(str(tmp_path / "parity"))
-    run_precompute(["--dataset_name", tmp_path / "parity", "--label_column", "parity", "--vae", "none",
-                    "--resolution", 8, "--output_dir", tmp_path / "cache"])
+    run_precompute(
+        [
+            "--dataset_name",
+            tmp_path / "parity",
+            "--label_column",
+            "parity",
+            "--vae",
+            "none",
+            "--resolution",
+            8,
+            "--output_dir",
+            tmp_path / "cache",
+        ]
+    )
     rows, info = read_cache(tmp_path / "cache")
     assert info["class_names"] == ["even", "odd"]
     assert rows["label"].tolist() == [0 if n == "even" else 1 for n in names]
@@ -188,8 +243,18 @@ def test_unconditional_folder_and_pipeline_vae(tmp_path, photo_dir, tiny_vae_pat
     shutil.copytree(tiny_vae_path, pipeline / "vae")
     (pipeline / "model_index.json").write_text("{}")
     out = tmp_path / "cache"
-    run_precompute(["--train_data_dir", images, "--pretrained_model_name_or_path", pipeline, "--resolution", 32,
-                    "--output_dir", out])
+    run_precompute(
+        [
+            "--train_data_dir",
+            images,
+            "--pretrained_model_name_or_path",
+            pipeline,
+            "--resolution",
+            32,
+            "--output_dir",
+            out,
+        ]
+    )
     rows, info = read_cache(out)
     assert "label" not in rows and list(rows["source"]) == ["chelsea.jpg", "rocket.png"]
     assert not info["conditional"] and info["class_names"] is None and info["num_classes"] == 0
@@ -201,8 +266,9 @@ def test_unconditional_folder_and_pipeline_vae(tmp_path, photo_dir, tiny_vae_pat
 def test_dataset_without_label_column_is_unconditional(tmp_path, digits_dataset_dir):
     images = datasets.load_from_disk(str(digits_dataset_dir)).select(range(5)).remove_columns("label")
     images.save_to_disk(str(tmp_path / "images"))
-    run_precompute(["--dataset_name", tmp_path / "images", "--vae", "none", "--resolution", 8,
-                    "--output_dir", tmp_path / "cache"])
+    run_precompute(
+        ["--dataset_name", tmp_path / "images", "--vae", "none", "--resolution", 8, "--output_dir", tmp_path / "cache"]
+    )
     rows, info = read_cache(tmp_path / "cache")
     assert not info["conditional"] and "label" not in rows and len(rows["source"]) == 5
 
@@ -215,6 +281,7 @@ def test_strict_makes_a_corrupt_image_an_error(tmp_path, photo_cache_args):
 @pytest.fixture
 def no_encoding(monkeypatch):
     """Fail the test if anything gets encoded: input errors must come first."""
+
     def fail(*args, **kwargs):
         raise AssertionError("encoded before validating the input")
 
@@ -224,8 +291,18 @@ def no_encoding(monkeypatch):
 
 def test_resolution_not_a_multiple_of_the_vae_factor(tmp_path, photo_dir, tiny_vae_path, no_encoding):
     with pytest.raises(ValueError, match="--resolution 33 is not a multiple of the VAE's downsampling factor 2"):
-        run_precompute(["--train_data_dir", photo_dir, "--vae", tiny_vae_path, "--resolution", 33,
-                        "--output_dir", tmp_path / "cache"])
+        run_precompute(
+            [
+                "--train_data_dir",
+                photo_dir,
+                "--vae",
+                tiny_vae_path,
+                "--resolution",
+                33,
+                "--output_dir",
+                tmp_path / "cache",
+            ]
+        )
     assert not (tmp_path / "cache").exists()
 
 
@@ -238,16 +315,37 @@ def test_resolution_not_a_multiple_of_the_vae_factor(tmp_path, photo_dir, tiny_v
 )
 def test_missing_columns_name_the_available_ones(tmp_path, digits_dataset_dir, no_encoding, extra, message):
     with pytest.raises(ValueError, match=message):
-        run_precompute(["--dataset_name", digits_dataset_dir, "--vae", "none", "--resolution", 8,
-                        "--output_dir", tmp_path / "cache", *extra])
+        run_precompute(
+            [
+                "--dataset_name",
+                digits_dataset_dir,
+                "--vae",
+                "none",
+                "--resolution",
+                8,
+                "--output_dir",
+                tmp_path / "cache",
+                *extra,
+            ]
+        )
 
 
 def test_missing_split_names_the_available_ones(tmp_path, digits_dataset_dir, no_encoding):
     splits = datasets.DatasetDict({"train": datasets.load_from_disk(str(digits_dataset_dir)).select(range(3))})
     splits.save_to_disk(str(tmp_path / "splits"))
     with pytest.raises(ValueError, match=r"--split test is not in .*available splits: \['train'\]"):
-        run_precompute(["--dataset_name", tmp_path / "splits", "--split", "test", "--vae", "none",
-                        "--output_dir", tmp_path / "cache"])
+        run_precompute(
+            [
+                "--dataset_name",
+                tmp_path / "splits",
+                "--split",
+                "test",
+                "--vae",
+                "none",
+                "--output_dir",
+                tmp_path / "cache",
+            ]
+        )
 
 
 def test_empty_inputs(tmp_path, digits_dataset_dir, no_encoding):
@@ -257,8 +355,18 @@ def test_empty_inputs(tmp_path, digits_dataset_dir, no_encoding):
     (tmp_path / "none").mkdir()
     datasets.load_from_disk(str(digits_dataset_dir)).select([]).to_parquet(str(tmp_path / "none/train.parquet"))
     with pytest.raises(ValueError, match="Could not load split 'train' of --dataset_name .*no data"):
-        run_precompute(["--dataset_name", tmp_path / "none", "--vae", "none", "--output_dir", tmp_path / "c",
-                        "--cache_dir", tmp_path / "hf_cache"])
+        run_precompute(
+            [
+                "--dataset_name",
+                tmp_path / "none",
+                "--vae",
+                "none",
+                "--output_dir",
+                tmp_path / "c",
+                "--cache_dir",
+                tmp_path / "hf_cache",
+            ]
+        )
     (tmp_path / "classes/a").mkdir(parents=True)
     (tmp_path / "classes/b").mkdir(parents=True)
     Image.new("RGB", (8, 8)).save(tmp_path / "classes/a/x.png")
@@ -282,12 +390,13 @@ def test_output_dir_with_other_settings_or_other_files(tmp_path, photo_cache, ph
     [
         (["--output_dir", "x"], "exactly one of --dataset_name or --train_data_dir"),
         (["--train_data_dir", "a", "--dataset_name", "b", "--output_dir", "x"], "exactly one of"),
-        (["--train_data_dir", "a", "--vae", "v", "--pretrained_model_name_or_path", "p", "--output_dir", "x"],
-         "not both"),
+        (
+            ["--train_data_dir", "a", "--vae", "v", "--pretrained_model_name_or_path", "p", "--output_dir", "x"],
+            "not both",
+        ),
         (["--train_data_dir", "a", "--resolution", "0", "--output_dir", "x"], "--resolution must be positive"),
     ],
 )
 def test_bad_flag_combinations(argv, message):
     with pytest.raises(ValueError, match=message):
         precompute_latents.parse_args(argv)
-
