@@ -158,24 +158,32 @@ class ClippingEngine:
         if losses.numel() == 0:
             return
         self._groups, self._norm_sq, self._counted, self._capturing = groups, None, set(), True
-        try:
+        try:  # norms accumulate as the output gradients arrive
             torch.autograd.grad(losses.sum(), [self._anchor], retain_graph=self.mode == "flash", allow_unused=True)
         finally:
             self._capturing = False
+        with torch.no_grad():  # the engine's own arithmetic must not build a graph on the stored activations
+            row_coef = self._clip_factors(losses, groups)
+        if self.mode == "flash":
+            self._calls = {}
+            (row_coef.to(losses.device, losses.dtype) * losses).sum().backward()
+        else:
+            with torch.no_grad():
+                self._book_keeping(row_coef)
+
+    def _clip_factors(self, losses: torch.Tensor, groups: RowGroups) -> torch.Tensor:
+        """Per-row clip factor c_e(b) = min(1, C / (||g_e|| + 1e-6)), (B,)."""
         for layer, calls in self._calls.items():  # layers with calls whose output never reached the loss
             answered = [call for call in calls if call[1] is not None]
             if answered and layer not in self._counted:
                 self._add_norms(layer, answered)
         norm_sq = self._norm_sq if self._norm_sq is not None else losses.new_zeros(groups.num_examples)
-        norms = norm_sq.sqrt()
-        coef = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
-        self.per_example_norms = norms.detach()
-        row_coef = groups.expand(coef)  # (B,)
+        self.per_example_norms = norm_sq.sqrt()
+        coef = (self.max_grad_norm / (self.per_example_norms + 1e-6)).clamp(max=1.0)
+        return groups.expand(coef)
 
-        if self.mode == "flash":
-            self._calls = {}
-            (row_coef.to(losses.device, losses.dtype).detach() * losses).sum().backward()
-            return
+    def _book_keeping(self, row_coef: torch.Tensor) -> None:
+        """p.grad += sum_b c_b g_b for every trainable parameter, from the stored inputs and output gradients."""
         for layer, calls in self._calls.items():
             answered = [call for call in calls if call[1] is not None]
             if not answered:

@@ -21,6 +21,7 @@ from opacus.optimizers import (
     DPOptimizer,
     DPOptimizerFastGradientClipping,
 )
+from opacus.optimizers.optimizer import _check_processed_flag, _generate_noise, _mark_as_processed
 from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
 from torch import nn
 from torch.utils.data import DataLoader
@@ -33,21 +34,41 @@ from .sampling import poisson_data_loader
 GRAD_SAMPLE_MODES = (*MODES, "opacus_ghost", "opacus_hooks")
 
 
-class _ZeroForUnusedParams:
-    """A parameter without `.grad` (not used by this batch, or an empty Poisson batch) contributes zero."""
+class _InPlaceStages:
+    """Opacus' accumulate, add-noise and scale stages without their copies, for gradients that arrive clipped.
+
+    The clipped sum is moved into `summed_grad` (a parameter without `.grad`, unused by the batch or in an empty
+    Poisson batch, contributes zero); noise and scaling are one pass, grad = N(0, (sigma C / B)^2) + sum / B with
+    B the expected batch size: one new tensor per parameter and step instead of Opacus' three (copy, noise, sum).
+    """
 
     def accumulate(self):
         for p in self.params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        super().accumulate()
+            grad = p.grad if p.grad is not None else torch.zeros_like(p)
+            p.summed_grad = grad if p.summed_grad is None else p.summed_grad.add_(grad)
+            p.grad = None  # moved, not copied: a zero_grad between physical batches must not touch the sum
+
+    def add_noise(self):
+        scale = 1.0 / (self.expected_batch_size * self.accumulated_iterations) if self.loss_reduction == "mean" else 1
+        for p in self.params:
+            _check_processed_flag(p.summed_grad)
+            if getattr(self, "rank", 0) == 0:  # distributed: the whole noise comes from rank 0, then sums are reduced
+                std = self.noise_multiplier * self.max_grad_norm * scale
+                p.grad = _generate_noise(std, p.summed_grad, self.generator, self.secure_mode)
+                p.grad.add_(p.summed_grad, alpha=scale)
+            else:
+                p.grad = p.summed_grad.mul(scale)
+            _mark_as_processed(p.summed_grad)
+
+    def scale_grad(self):
+        """Done in add_noise, in the same pass."""
 
 
-class FlashDPOptimizer(_ZeroForUnusedParams, DPOptimizerFastGradientClipping):
+class FlashDPOptimizer(_InPlaceStages, DPOptimizerFastGradientClipping):
     """Opacus' noise-and-scale optimizer for gradients that arrive already clipped and summed."""
 
 
-class DistributedFlashDPOptimizer(_ZeroForUnusedParams, DistributedDPOptimizerFastGradientClipping):
+class DistributedFlashDPOptimizer(_InPlaceStages, DistributedDPOptimizerFastGradientClipping):
     """Same, across processes: noise on rank 0 only, clipped sums all-reduced."""
 
 

@@ -134,3 +134,17 @@ def test_bad_arguments():
         setup(mode="ghost")
     with pytest.raises(ValueError, match="noise_multiplicity > 1 needs our engine"):
         setup(mode="opacus_hooks", noise_multiplicity=2)
+
+
+def test_zero_grad_keeping_tensors_then_empty_batch_then_step():
+    model, (module, optimizer, criterion, loader) = setup(
+        rows=8, batch_size=8, noise_multiplier=0.0, poisson_sampling=False
+    )
+    x, y = next(iter(loader))
+    for empty in (False, True, False):  # zero_grad() keeps zeroed tensors as .grad, which must not alias the sum
+        if not empty:
+            criterion(module(x), y).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert len(optimizer.privacy_engine.accountant.history) == 1
+    assert optimizer.privacy_engine.accountant.history[0][2] == 3

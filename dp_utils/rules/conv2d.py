@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..groups import RowGroups
-from .linear import matmul_clipped_sum, upcast, weight_and_bias_norm_sq
+from .linear import bias_clipped_sum, matmul_clipped_sum, weight_and_bias_norm_sq
 
 
 def conv2d_unsupported(module: nn.Conv2d) -> str | None:
@@ -42,5 +42,5 @@ def conv2d_clipped_grads(module: nn.Conv2d, calls: list, coef: torch.Tensor) -> 
     if module.weight.requires_grad:
         grads["weight"] = matmul_clipped_sum(a, g, coef).view_as(module.weight)
     if module.bias is not None and module.bias.requires_grad:
-        grads["bias"] = torch.einsum("blo,b->o", upcast(g), upcast(coef))
+        grads["bias"] = bias_clipped_sum(g, coef)
     return grads

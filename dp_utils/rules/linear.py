@@ -46,6 +46,12 @@ def matmul_clipped_sum(a: torch.Tensor, g: torch.Tensor, coef: torch.Tensor) -> 
     return g.flatten(0, 1).mT @ a.flatten(0, 1)
 
 
+def bias_clipped_sum(g: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+    """sum_b coef_b sum_t g_b,t for g (B, T, p): one matrix-vector product over all tokens."""
+    tokens = g.shape[1]
+    return upcast(coef).repeat_interleave(tokens) @ upcast(g).flatten(0, 1)
+
+
 def tokens_of(calls: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Inputs and output gradients of all calls as (B, T_total, d) and (B, T_total, p)."""
     a = [x.reshape(x.shape[0], -1, x.shape[-1]) for x, _ in calls]
@@ -72,5 +78,5 @@ def linear_clipped_grads(module: nn.Linear, calls: list, coef: torch.Tensor) -> 
     if module.weight.requires_grad:
         grads["weight"] = matmul_clipped_sum(a, g, coef)
     if module.bias is not None and module.bias.requires_grad:
-        grads["bias"] = torch.einsum("btp,b->p", upcast(g), upcast(coef))
+        grads["bias"] = bias_clipped_sum(g, coef)
     return grads
