@@ -189,7 +189,9 @@ class PrivacyEngine:
         return backward
 
     def get_epsilon(self, delta: float) -> float:
-        """Epsilon spent so far at this delta, by the accountant fed with every noisy step taken."""
+        """Epsilon spent so far at this delta, by the accountant fed with every noisy step taken (0 before any)."""
+        if not self.accountant.history:  # Opacus' PRV accountant fails on an empty history
+            return 0.0
         return self.accountant.get_epsilon(delta=delta)
 
 

@@ -49,6 +49,7 @@ def test_epsilon_equals_opacus_accountant_with_the_same_history(accountant, refe
     _, (module, optimizer, criterion, loader) = setup(
         rows=32, batch_size=4, noise_multiplier=1.1, accountant=accountant
     )
+    assert optimizer.privacy_engine.get_epsilon(1e-5) == 0.0  # nothing spent before the first step
     steps = 0
     for x, y in loader:
         if len(x):
