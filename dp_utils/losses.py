@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from diffusers.utils import BaseOutput
 
 
 def per_sample_mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -57,6 +58,8 @@ class DPCriterion:
         self._backward = backward
 
     def __call__(self, prediction: torch.Tensor, *args, group_ids: torch.Tensor | None = None, **kwargs) -> DPLoss:
+        if isinstance(prediction, BaseOutput):  # a diffusers model output: its `.sample`
+            prediction = prediction[0]
         losses = self.criterion(prediction, *args, **kwargs)
         rows = prediction.shape[0]
         if not isinstance(losses, torch.Tensor) or losses.shape != (rows,):

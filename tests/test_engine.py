@@ -58,6 +58,21 @@ def test_group_ids_of_unequal_sizes(tmp_path):
     assert relative_error(update, {n: e / 3 for n, e in expected.items()}) < 1e-10
 
 
+def test_criterion_takes_the_model_output_as_it_comes(tmp_path):
+    rows, max_grad_norm = 3, 0.05
+    batch = dit_batch(rows, dtype=torch.float64)
+    expected, _ = naive_clipped_sum(
+        tiny_dit(tmp_path, dtype=torch.float64, out_channels=4), dit_losses, batch, max_grad_norm, torch.arange(rows)
+    )
+
+    def raw_output_losses(model, x, t, y, noise, criterion):  # criterion(model(x, t, y), target), as in Opacus
+        return criterion(model(x, t, y), noise)
+
+    model = tiny_dit(tmp_path, dtype=torch.float64, out_channels=4)  # no learned variance: output matches target
+    update, _ = private_update(model, raw_output_losses, batch, max_grad_norm, "flash_bk", rows)
+    assert relative_error(update, {n: e / rows for n, e in expected.items()}) < 1e-10
+
+
 def test_dit_reuses_the_first_embedder(tmp_path):
     model = tiny_dit(tmp_path)
     engine = ClippingEngine(model, max_grad_norm=1.0)
