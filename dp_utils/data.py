@@ -135,11 +135,19 @@ def validate_latent_cache(dataset: datasets.Dataset, info: Mapping[str, Any], mo
     bad = np.flatnonzero((labels < 0) | (labels >= (num_classes or 0)))
     if len(bad):
         row = int(bad[0])
+        if 0 <= labels[row] < info["num_classes"]:
+            fix = (
+                f"The cache has {info['num_classes']} classes: build the model with "
+                f"num_embeds_ada_norm={info['num_classes']} (or resize its label table)."
+            )
+        else:
+            fix = (
+                f"The cache's {CACHE_INFO_NAME} lists only {info['num_classes']} classes, so its rows were changed "
+                "after it was written: re-create it with precompute_latents.py."
+            )
         raise ValueError(
             f"Row {row} of the cache (source {dataset[row]['source']!r}) has label {labels[row]} but the model has "
-            f"num_embeds_ada_norm={num_classes} classes ({len(bad)} rows are out of range). The cache has "
-            f"{info['num_classes']} classes: build the model with num_embeds_ada_norm={info['num_classes']} "
-            "(or resize its label table)."
+            f"num_embeds_ada_norm={num_classes} classes ({len(bad)} rows are out of range). {fix}"
         )
 
 
