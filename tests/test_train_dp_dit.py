@@ -105,6 +105,8 @@ def test_pixel_run_writes_model_samples_and_report(tmp_path, pixel_pipeline, dig
             "--use_ema",
             "--noise_multiplicity",
             2,
+            "--report_to",
+            "tensorboard",
         ),
         tmp_path,
     )
@@ -116,6 +118,7 @@ def test_pixel_run_writes_model_samples_and_report(tmp_path, pixel_pipeline, dig
     assert report["sample_rate"] == pytest.approx(1 / 8)  # ceil(120 / 16) steps per epoch
     assert "one training image" in (out / "README.md").read_text()
     assert (out / "samples" / "step-000003.png").is_file()
+    assert list((out / "logs").rglob("events.out.tfevents.*"))  # loss, epsilon and samples went to TensorBoard
     assert "Resizing the label table to the dataset's 10 classes" in result.stderr  # trained on 10 + null rows
     model = DiTTransformer2DModel.from_pretrained(out / "transformer")
     assert model.config.num_embeds_ada_norm == 1000  # saved padded: DiTPipeline's null class is id 1000
@@ -219,6 +222,14 @@ def test_bad_inputs_fail_before_training(tmp_path, pixel_pipeline, latent_pipeli
             "none",
         )
     assert not out.exists()  # nothing half-written
+    tampered = tmp_path / "tampered"  # rows with labels 0..9, metadata that lists 4 classes
+    shutil.copytree(digits_cache, tampered)
+    info = json.loads((tampered / "cache_info.json").read_text())
+    info.update(num_classes=4, class_names=list("0123"), class_to_index={c: k for k, c in enumerate("0123")})
+    (tampered / "cache_info.json").write_text(json.dumps(info))
+    with pytest.raises(ValueError, match=r"Row \d+ of the cache .* has label [4-9] .*re-create it"):
+        run_in_process(*pixel_args(pixel_pipeline, tampered, out, "--noise_multiplier", 1, "--report_to", "none"))
+    assert not out.exists()
     with pytest.raises(ValueError, match="exactly one of --pretrained_model_name_or_path or --model_config"):
         train_dp_dit.parse_args(["--train_data_dir", str(digits_cache), "--noise_multiplier", "1"])
     with pytest.raises(SystemExit):  # a budget is required: --target_epsilon or --noise_multiplier
@@ -258,3 +269,24 @@ def test_resume_with_other_privacy_flags_is_refused(tmp_path, pixel_pipeline, di
                 "none",
             )
         )
+
+
+def test_noise_free_baseline_reports_no_guarantee(tmp_path, pixel_pipeline, digits_cache):
+    out = tmp_path / "out"
+    run_in_process(
+        *pixel_args(
+            pixel_pipeline,
+            digits_cache,
+            out,
+            "--noise_multiplier",
+            0,
+            "--max_grad_norm",
+            1e6,
+            "--max_train_steps",
+            2,
+            "--report_to",
+            "none",
+        )
+    )
+    assert json.loads((out / "privacy_report.json").read_text())["epsilon"] is None
+    assert "no privacy guarantee" in (out / "README.md").read_text()
