@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader
 from .engine import MODES, ClippingEngine
 from .groups import RowGroups
 from .losses import DPCriterion, per_sample_mse
+from .noise import GaussianNoise
 from .sampling import poisson_data_loader
 
 GRAD_SAMPLE_MODES = (*MODES, "opacus_ghost", "opacus_hooks")
@@ -38,13 +39,20 @@ class _InPlaceStages:
     """Opacus' accumulate, add-noise and scale stages without their copies, for gradients that arrive clipped.
 
     The clipped sum is moved into `summed_grad` (a parameter without `.grad`, unused by the batch or in an empty
-    Poisson batch, contributes zero); noise and scaling are one pass, grad = N(0, (sigma C / B)^2) + sum / B with
-    B the expected batch size: one new tensor per parameter and step instead of Opacus' three (copy, noise, sum).
+    Poisson batch, contributes zero), then scaled in place and noised in place, grad = sum / B + N(0, (sigma C / B)^2)
+    with B the expected batch size: no new tensor per parameter and step instead of Opacus' three (copy, noise, sum).
     """
+
+    @property
+    def gaussian_noise(self) -> GaussianNoise:
+        if "_gaussian_noise" not in self.__dict__:
+            self._gaussian_noise = GaussianNoise()
+        return self._gaussian_noise
 
     def accumulate(self):
         for p in self.params:
             grad = p.grad if p.grad is not None else torch.zeros_like(p)
+            grad.__dict__.pop("_processed", None)  # it may be the last step's sum, zeroed in place by zero_grad()
             p.summed_grad = grad if p.summed_grad is None else p.summed_grad.add_(grad)
             p.grad = None  # moved, not copied: a zero_grad between physical batches must not touch the sum
 
@@ -52,13 +60,15 @@ class _InPlaceStages:
         scale = 1.0 / (self.expected_batch_size * self.accumulated_iterations) if self.loss_reduction == "mean" else 1
         for p in self.params:
             _check_processed_flag(p.summed_grad)
-            if getattr(self, "rank", 0) == 0:  # distributed: the whole noise comes from rank 0, then sums are reduced
-                std = self.noise_multiplier * self.max_grad_norm * scale
-                p.grad = _generate_noise(std, p.summed_grad, self.generator, self.secure_mode)
-                p.grad.add_(p.summed_grad, alpha=scale)
-            else:
-                p.grad = p.summed_grad.mul(scale)
+            p.grad = p.summed_grad.mul_(scale)  # the sum is ours (moved in accumulate): scale it in place
             _mark_as_processed(p.summed_grad)
+        if getattr(self, "rank", 0) == 0:  # distributed: the whole noise comes from rank 0, then sums are reduced
+            std = self.noise_multiplier * self.max_grad_norm * scale
+            if self.secure_mode:
+                for p in self.params:
+                    p.grad.add_(_generate_noise(std, p.grad, self.generator, secure_mode=True))
+            else:
+                self.gaussian_noise.add_([p.grad for p in self.params], std, self.generator)
 
     def scale_grad(self):
         """Done in add_noise, in the same pass."""

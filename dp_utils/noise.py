@@ -1,0 +1,59 @@
+"""Gaussian noise for DP-SGD, added in place: grad <- grad + N(0, std^2 I) for every parameter.
+
+On CPU one thread drawing ~10^8 normals costs as much as a third of a DiT step, and fresh tensors for it
+fault in new pages each step. So the parameters are split over the intra-op threads; each thread draws into one
+reused scratch buffer with its own generator, seeded from the caller's generator (or torch's global one), which
+keeps runs reproducible and resumable from the RNG state. On CUDA one kernel per parameter is already fast.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+
+class GaussianNoise:
+    """Adds N(0, std^2) to tensors in place; keeps per-thread scratch buffers between calls."""
+
+    def __init__(self):
+        self._scratch: dict[tuple, torch.Tensor] = {}
+
+    def add_(self, tensors: list[torch.Tensor], std: float, generator: torch.Generator | None = None) -> None:
+        if std == 0 or not tensors:
+            return
+        if tensors[0].device.type != "cpu":
+            for t in tensors:
+                t.add_(torch.randn(t.shape, dtype=t.dtype, device=t.device, generator=generator), alpha=std)
+            return
+        shares = _balanced_shares(tensors, torch.get_num_threads())
+        seeds = torch.randint(2**63 - 1, (len(shares),), generator=generator).tolist()
+        workers = [
+            threading.Thread(target=self._add_share, args=(share, std, seed, i))
+            for i, (share, seed) in enumerate(zip(shares, seeds, strict=True))
+        ]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+
+    def _add_share(self, share: list[torch.Tensor], std: float, seed: int, index: int) -> None:
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for t in share:
+                key = (index, t.dtype)
+                if key not in self._scratch or self._scratch[key].numel() < t.numel():
+                    self._scratch[key] = torch.empty(max(t.numel() for t in share), dtype=t.dtype)
+                noise = self._scratch[key][: t.numel()].view(t.shape).normal_(0.0, std, generator=generator)
+                t.add_(noise)
+
+
+def _balanced_shares(tensors: list[torch.Tensor], parts: int) -> list[list[torch.Tensor]]:
+    """Split tensors into at most `parts` lists of similar total size (largest first, to the lightest list)."""
+    shares: list[list[torch.Tensor]] = [[] for _ in range(max(1, min(parts, len(tensors))))]
+    sizes = [0] * len(shares)
+    for t in sorted(tensors, key=torch.Tensor.numel, reverse=True):
+        lightest = sizes.index(min(sizes))
+        shares[lightest].append(t)
+        sizes[lightest] += t.numel()
+    return shares
