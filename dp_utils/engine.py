@@ -9,7 +9,8 @@ pairs the per-layer rules give per-example norms (ghost norm or instantiation), 
     norms:  ||g_e||^2 = sum over layers of the layer's per-example squared norm    (all calls, all rows of e)
     clip:   c_e = min(1, C / (||g_e|| + 1e-6))
     sum:    p.grad += sum_e c_e g_e
-            flash_bk: one matmul per layer from the stored pairs (book-keeping, no second backward)
+            flash_bk: scale each stored output gradient by its row's c_e, then one matmul per layer from the
+                      stored pairs (book-keeping, no second backward)
             flash:    a second backward of sum_b c_e(b) loss_b (norms were computed on the fly, pairs freed)
 
 Noise and scaling are the optimizer's stages (Opacus' DPOptimizerFastGradientClipping).
@@ -184,14 +185,36 @@ class ClippingEngine:
 
     def _book_keeping(self, row_coef: torch.Tensor) -> None:
         """p.grad += sum_b c_b g_b for every trainable parameter, from the stored inputs and output gradients."""
-        for layer, calls in self._calls.items():
-            answered = [call for call in calls if call[1] is not None]
-            if not answered:
+        answered = {layer: [call for call in calls if call[1] is not None] for layer, calls in self._calls.items()}
+        self._scale_output_grads([call for calls in answered.values() for call in calls], row_coef)
+        for layer, calls in answered.items():
+            if not calls:
                 continue
-            with torch.autocast(answered[0][1].device.type, enabled=False):
-                grads = self.layers[layer][1].clipped_grads(layer, answered, row_coef.to(answered[0][1].device))
+            with torch.autocast(calls[0][1].device.type, enabled=False):
+                grads = self.layers[layer][1].summed_grads(layer, calls)
             for name, grad in grads.items():
                 param = getattr(layer, name)
                 grad = grad.to(param.dtype)
                 param.grad = grad if param.grad is None else param.grad + grad
         self._calls = {}
+
+    @staticmethod
+    def _scale_output_grads(calls: list[list], row_coef: torch.Tensor) -> None:
+        """g_b <- c_b g_b for every stored output gradient, so that each layer's plain gradient is the clipped sum.
+
+        In place: the backward is over and the gradients are ours alone, which saves a copy per layer. A gradient
+        that autograd handed to several layers (one tensor) is scaled once; one that shares memory with another in
+        a different layout (views of one tensor) or is not contiguous is replaced by a scaled copy.
+        """
+        layouts: dict[int, set] = {}
+        for _, g in calls:
+            layouts.setdefault(g.untyped_storage().data_ptr(), set()).add((g.data_ptr(), g.shape, g.stride()))
+        scaled: dict[tuple, torch.Tensor] = {}
+        for call in calls:
+            g = call[1]
+            key = (g.data_ptr(), g.shape, g.stride())
+            if key not in scaled:
+                coef = row_coef.to(g.device).view(-1, *[1] * (g.dim() - 1))
+                alone = len(layouts[g.untyped_storage().data_ptr()]) == 1
+                scaled[key] = g.mul_(coef) if alone and g.is_contiguous() else g * coef
+            call[1] = scaled[key]

@@ -20,6 +20,20 @@ class Reused(nn.Module):
         return self.head(torch.tanh(self.layer(x)) + torch.tanh(self.layer(y)).flip(-1))
 
 
+class TwoBranches(nn.Module):
+    """Two linear layers whose outputs are added (autograd hands both the same gradient tensor) or concatenated
+    (their gradients are views of one tensor); the engine scales stored gradients in place and must not do it twice."""
+
+    def __init__(self, join: str):
+        super().__init__()
+        self.left, self.right, self.head, self.join = nn.Linear(6, 5), nn.Linear(6, 5), nn.Linear(5, 3), join
+
+    def forward(self, x):
+        left, right = self.left(x), self.right(x)
+        joined = left + right if self.join == "add" else torch.cat([left, right], -2)
+        return self.head(torch.tanh(joined))
+
+
 def linear_model(input_dims):
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)), (4, *input_dims, 6)
@@ -30,6 +44,8 @@ CASES = {
     "linear-3d": lambda: linear_model((7,)),
     "linear-4d": lambda: linear_model((3, 4)),
     "linear-reused": lambda: (Reused(nn.Linear(6, 5), nn.Linear(5, 3)), (4, 7, 6)),
+    "linear-outputs-added": lambda: (TwoBranches("add"), (4, 7, 6)),
+    "linear-outputs-concatenated": lambda: (TwoBranches("cat"), (4, 7, 6)),
     "conv2d-patch": lambda: (nn.Sequential(nn.Conv2d(3, 8, 2, stride=2), nn.Tanh(), nn.Conv2d(8, 2, 1)), (4, 3, 8, 8)),
     "conv2d-padded-dilated": lambda: (
         nn.Sequential(

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..groups import RowGroups
-from .linear import bias_clipped_sum, matmul_clipped_sum, weight_and_bias_norm_sq
+from .linear import bias_sum, matmul_sum, weight_and_bias_norm_sq
 
 
 def conv2d_unsupported(module: nn.Conv2d) -> str | None:
@@ -36,11 +36,11 @@ def conv2d_norm_sq(module: nn.Conv2d, calls: list, groups: RowGroups) -> torch.T
     return weight_and_bias_norm_sq(module, groups.tokens(a), groups.tokens(g))
 
 
-def conv2d_clipped_grads(module: nn.Conv2d, calls: list, coef: torch.Tensor) -> dict[str, torch.Tensor]:
+def conv2d_summed_grads(module: nn.Conv2d, calls: list) -> dict[str, torch.Tensor]:
     a, g = _patches(module, calls)
     grads = {}
     if module.weight.requires_grad:
-        grads["weight"] = matmul_clipped_sum(a, g, coef).view_as(module.weight)
+        grads["weight"] = matmul_sum(a, g).view_as(module.weight)
     if module.bias is not None and module.bias.requires_grad:
-        grads["bias"] = bias_clipped_sum(g, coef)
+        grads["bias"] = bias_sum(g)
     return grads

@@ -34,10 +34,10 @@ def embedding_norm_sq(module: nn.Embedding, calls: list, groups: RowGroups) -> t
     return ((g @ g.mT) * same_row).sum((1, 2))
 
 
-def embedding_clipped_grads(module: nn.Embedding, calls: list, coef: torch.Tensor) -> dict[str, torch.Tensor]:
+def embedding_summed_grads(module: nn.Embedding, calls: list) -> dict[str, torch.Tensor]:
     if not module.weight.requires_grad:
         return {}
     idx, g = _tokens(module, calls)
-    g = upcast(g) * upcast(coef)[:, None, None]
+    g = upcast(g)
     grad = torch.zeros(module.weight.shape, dtype=g.dtype, device=g.device)
     return {"weight": grad.index_add_(0, idx.flatten(), g.flatten(0, 1))}

@@ -35,21 +35,15 @@ def matmul_norm_sq(a: torch.Tensor, g: torch.Tensor, with_bias: bool = False) ->
     return norm_sq + g.sum(1).pow(2).sum(1) if with_bias else norm_sq
 
 
-def matmul_clipped_sum(a: torch.Tensor, g: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
-    """sum_b coef_b g_b^T a_b for a (B, T, d), g (B, T, p), coef (B,): one (p, d) matmul."""
+def matmul_sum(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """sum_b g_b^T a_b for a (B, T, d), g (B, T, p): one (p, d) matmul over all rows and tokens."""
     dtype = torch.promote_types(a.dtype, g.dtype)
-    a, g, coef = a.to(dtype), g.to(dtype), coef.to(dtype)[:, None, None]
-    if a.shape[2] < g.shape[2]:  # scale the smaller operand
-        a = a * coef
-    else:
-        g = g * coef
-    return g.flatten(0, 1).mT @ a.flatten(0, 1)
+    return g.flatten(0, 1).to(dtype).mT @ a.flatten(0, 1).to(dtype)
 
 
-def bias_clipped_sum(g: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
-    """sum_b coef_b sum_t g_b,t for g (B, T, p): one matrix-vector product over all tokens."""
-    tokens = g.shape[1]
-    return upcast(coef).repeat_interleave(tokens) @ upcast(g).flatten(0, 1)
+def bias_sum(g: torch.Tensor) -> torch.Tensor:
+    """sum_b sum_t g_b,t for g (B, T, p), in at least fp32."""
+    return upcast(g).sum((0, 1))
 
 
 def tokens_of(calls: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,11 +66,11 @@ def weight_and_bias_norm_sq(module: nn.Module, a: torch.Tensor, g: torch.Tensor)
     return upcast(g).sum(1).pow(2).sum(1) if with_bias else 0
 
 
-def linear_clipped_grads(module: nn.Linear, calls: list, coef: torch.Tensor) -> dict[str, torch.Tensor]:
+def linear_summed_grads(module: nn.Linear, calls: list) -> dict[str, torch.Tensor]:
     a, g = tokens_of(calls)
     grads = {}
     if module.weight.requires_grad:
-        grads["weight"] = matmul_clipped_sum(a, g, coef)
+        grads["weight"] = matmul_sum(a, g)
     if module.bias is not None and module.bias.requires_grad:
-        grads["bias"] = bias_clipped_sum(g, coef)
+        grads["bias"] = bias_sum(g)
     return grads

@@ -45,5 +45,5 @@ def affine_norm_sq(module: nn.Module, calls: list, groups: RowGroups) -> torch.T
     return sum(groups.sum_rows(grad).flatten(1).pow(2).sum(1) for grad in _row_grads(module, calls).values())
 
 
-def affine_clipped_grads(module: nn.Module, calls: list, coef: torch.Tensor) -> dict[str, torch.Tensor]:
-    return {name: torch.einsum("b...,b->...", grad, upcast(coef)) for name, grad in _row_grads(module, calls).items()}
+def affine_summed_grads(module: nn.Module, calls: list) -> dict[str, torch.Tensor]:
+    return {name: grad.sum(0) for name, grad in _row_grads(module, calls).items()}
