@@ -87,8 +87,14 @@ def load_model(args, info: dict) -> tuple[DiTTransformer2DModel, DDPMScheduler, 
     return model, scheduler, vae
 
 
-def sampling_scheduler(scheduler: DDPMScheduler) -> DPMSolverMultistepScheduler:
-    """DPM-Solver on the training noise schedule: validation samples with it and the saved pipeline uses it."""
+def sampling_scheduler(scheduler: DDPMScheduler, pixel_space: bool) -> DPMSolverMultistepScheduler:
+    """DPM-Solver on the training noise schedule: validation samples with it and the saved pipeline uses it.
+
+    In pixel space the predicted clean image is kept in the data range [-1, 1] (thresholding), as DDPM's
+    clip_sample does; latents have no such range.
+    """
+    if pixel_space:
+        return DPMSolverMultistepScheduler.from_config(scheduler.config, thresholding=True, sample_max_value=1.0)
     return DPMSolverMultistepScheduler.from_config(scheduler.config)
 
 
@@ -117,7 +123,7 @@ def log_validation(args, accelerator, model, ema, scheduler, vae, classes, null_
     guidance = args.guidance_scale if classes != [null_label] else 1.0  # unconditional: nothing to guide
     images = generate(
         model,
-        sampling_scheduler(scheduler),
+        sampling_scheduler(scheduler, pixel_space=vae is None),
         labels,
         null_label,
         guidance,
@@ -147,11 +153,11 @@ def save_pipeline(args, model, ema, scheduler, vae, dataset, report) -> None:
     id2label = dict(enumerate(dataset.class_names)) if dataset.conditional else None
     if vae is not None:
         DiTPipeline(
-            transformer=model, vae=vae, scheduler=sampling_scheduler(scheduler), id2label=id2label
+            transformer=model, vae=vae, scheduler=sampling_scheduler(scheduler, pixel_space=False), id2label=id2label
         ).save_pretrained(out)
     else:  # pixel space: no VAE to decode with; the transformer and scheduler are the model
         model.save_pretrained(out / "transformer")
-        sampling_scheduler(scheduler).save_pretrained(out / "scheduler")
+        sampling_scheduler(scheduler, pixel_space=True).save_pretrained(out / "scheduler")
     (out / "privacy_report.json").write_text(json.dumps(report, indent=2))
     if report["epsilon"] is None:
         guarantee = "**no privacy guarantee**: it was trained without noise (the non-private baseline)."

@@ -126,6 +126,7 @@ def test_pixel_run_writes_model_samples_and_report(tmp_path, pixel_pipeline, dig
     assert torch.equal(table[10], table[1000]) and torch.equal(table[999], table[1000])
     assert not torch.equal(table[9], table[1000])  # trained digit classes differ from the null row
     scheduler = DPMSolverMultistepScheduler.from_pretrained(out / "scheduler")
+    assert scheduler.config.thresholding and scheduler.config.sample_max_value == 1.0  # x0 kept in pixel range
     images = generate(model, scheduler, [0, 9], null_label=1000, num_inference_steps=2)
     assert images.shape == (2, 3, 8, 8)
 
