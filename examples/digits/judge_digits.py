@@ -25,8 +25,14 @@ def judge(model_dir: Path, classifier, samples_per_class: int, guidance_scale: f
     transformer = DiTTransformer2DModel.from_pretrained(model_dir / "transformer").eval()
     scheduler = DPMSolverMultistepScheduler.from_pretrained(model_dir / "scheduler")
     labels = [digit for digit in range(10) for _ in range(samples_per_class)]
-    images = generate(transformer, scheduler, labels, null_label=transformer.config.num_embeds_ada_norm,
-                      guidance_scale=guidance_scale, generator=torch.Generator().manual_seed(seed))
+    images = generate(
+        transformer,
+        scheduler,
+        labels,
+        null_label=transformer.config.num_embeds_ada_norm,
+        guidance_scale=guidance_scale,
+        generator=torch.Generator().manual_seed(seed),
+    )
     features = (images.mean(1) * 16).flatten(1).numpy()  # grey levels 0..16, as the real digits
     return float((classifier.predict(features) == np.array(labels)).mean())
 
