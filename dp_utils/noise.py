@@ -42,11 +42,11 @@ class GaussianNoise:
         generator = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             for t in share:
-                key = (index, t.dtype)
-                if key not in self._scratch or self._scratch[key].numel() < t.numel():
-                    self._scratch[key] = torch.empty(max(t.numel() for t in share), dtype=t.dtype)
-                noise = self._scratch[key][: t.numel()].view(t.shape).normal_(0.0, std, generator=generator)
-                t.add_(noise)
+                scratch = self._scratch.get((index, t.dtype))
+                if scratch is None or scratch.numel() < t.numel():
+                    # share[0] is the largest tensor of the share (_balanced_shares deals them largest first)
+                    scratch = self._scratch[index, t.dtype] = torch.empty(share[0].numel(), dtype=t.dtype)
+                t.add_(scratch[: t.numel()].view(t.shape).normal_(0.0, std, generator=generator))
 
 
 def _balanced_shares(tensors: list[torch.Tensor], parts: int) -> list[list[torch.Tensor]]:

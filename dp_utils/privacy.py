@@ -43,11 +43,9 @@ class _InPlaceStages:
     with B the expected batch size: no new tensor per parameter and step instead of Opacus' three (copy, noise, sum).
     """
 
-    @property
-    def gaussian_noise(self) -> GaussianNoise:
-        if "_gaussian_noise" not in self.__dict__:
-            self._gaussian_noise = GaussianNoise()
-        return self._gaussian_noise
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.gaussian_noise = GaussianNoise()
 
     def accumulate(self):
         for p in self.params:
