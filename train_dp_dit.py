@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 import dp_utils
+from dp_utils.cpu_memory import retain_freed_memory
 from dp_utils.data import LatentDataset, load_latent_cache
 from dp_utils.distributed import check_world_size, run_on_cpu
 from dp_utils.generation import generate
@@ -182,6 +183,8 @@ def main(args):
         mixed_precision=args.mixed_precision, log_with=args.report_to, project_config=project, cpu=run_on_cpu()
     )
     check_world_size(accelerator.num_processes)
+    if accelerator.device.type == "cpu":
+        retain_freed_memory()  # no page faults for the activations of every step
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO, force=True)
     set_seed(args.seed)  # the same on every rank: identical initial models
 

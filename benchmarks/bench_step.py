@@ -5,7 +5,8 @@
 
 Each mode runs in its own process (clean peak memory); the table gives samples/s, the ratio to non-private
 training at the same batch, and peak memory (CUDA max allocated on GPU; peak RSS growth over the set-up on CPU).
-One JSON line per mode follows the table.
+One JSON line per mode follows the table. On CPU every mode runs with glibc keeping freed memory, as the trainer
+does (`dp_utils.cpu_memory`); `--default_malloc` leaves glibc's defaults.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import dp_utils  # noqa: E402
+from dp_utils.cpu_memory import retain_freed_memory  # noqa: E402
 from dp_utils.model import PRESETS, disable_label_dropout, dit_from_preset  # noqa: E402
 
 MODES = ("non_private", "flash_bk", "flash", "opacus_ghost", "opacus_hooks")
@@ -39,6 +41,7 @@ def run_mode(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    retained = device.type == "cpu" and not args.default_malloc and retain_freed_memory()
     model = dit_from_preset(args.model, in_channels=4, sample_size=args.latent_size, num_classes=1000)
     model.to(device).train()
     disable_label_dropout(model)  # the trainer draws label dropout itself, once per example
@@ -97,6 +100,7 @@ def run_mode(args) -> dict:
         samples_per_s=b / median,
         peak_gib=peak,
         frozen_params=len(frozen),
+        malloc_retains_freed=retained,
         trainable=sum(p.numel() for p in params),
     )
 
@@ -121,6 +125,11 @@ def main(args):
     print(
         f"{args.model}, latent {args.latent_size}x{args.latent_size}, batch {args.batch_size}, "
         f"{'bf16 autocast' if args.bf16 else 'fp32'}, median of {args.steps} steps after {args.warmup} warm-ups"
+        + (
+            ", glibc malloc keeps freed memory in every mode"
+            if any(r.get("malloc_retains_freed") for r in results)
+            else ""
+        )
     )
     print(f"| mode | s/step | samples/s | vs non-private | {memory} | trainable params |")
     print("|---|---|---|---|---|---|")
@@ -147,6 +156,9 @@ def parse_args(input_args=None):
     parser.add_argument("--steps", type=int, default=5, help="Timed steps per mode; the median is reported.")
     parser.add_argument("--warmup", type=int, default=2, help="Untimed steps before timing.")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default).")
+    parser.add_argument(
+        "--default_malloc", action="store_true", help="CPU: leave glibc's malloc thresholds at their defaults."
+    )
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="Modes to compare.")
     parser.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)  # internal: run one mode in this process
     return parser.parse_args(input_args)

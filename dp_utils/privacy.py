@@ -58,15 +58,16 @@ class _InPlaceStages:
         scale = 1.0 / (self.expected_batch_size * self.accumulated_iterations) if self.loss_reduction == "mean" else 1
         for p in self.params:
             _check_processed_flag(p.summed_grad)
-            p.grad = p.summed_grad.mul_(scale)  # the sum is ours (moved in accumulate): scale it in place
+            p.grad = p.summed_grad  # the sum is ours (moved in accumulate): scaled and noised in place
             _mark_as_processed(p.summed_grad)
-        if getattr(self, "rank", 0) == 0:  # distributed: the whole noise comes from rank 0, then sums are reduced
-            std = self.noise_multiplier * self.max_grad_norm * scale
-            if self.secure_mode:
-                for p in self.params:
-                    p.grad.add_(_generate_noise(std, p.grad, self.generator, secure_mode=True))
-            else:
-                self.gaussian_noise.add_([p.grad for p in self.params], std, self.generator)
+        grads = [p.grad for p in self.params]
+        # distributed: the whole noise comes from rank 0, then the sums are reduced
+        std = self.noise_multiplier * self.max_grad_norm * scale if getattr(self, "rank", 0) == 0 else 0.0
+        if self.secure_mode and std > 0:
+            for g in grads:
+                g.mul_(scale).add_(_generate_noise(std, g, self.generator, secure_mode=True))
+        else:
+            self.gaussian_noise.add_(grads, std, self.generator, scale=scale)
 
     def scale_grad(self):
         """Done in add_noise, in the same pass."""

@@ -33,6 +33,14 @@ def test_noise_is_added_to_what_is_there():
     assert abs(grads[0].mean().item() - 5.0) < 0.01
 
 
+def test_scale_applies_to_the_gradient_not_to_the_noise():
+    grads = [torch.full((20000,), 5.0), torch.full((300,), -2.0)]
+    GaussianNoise().add_(grads, 0.1, torch.Generator().manual_seed(0), scale=0.25)
+    assert abs(grads[0].mean().item() - 1.25) < 4 * 0.1 / 20000**0.5
+    assert abs(grads[0].std().item() - 0.1) < 4 * 0.1 / (2 * 20000) ** 0.5
+    assert abs(grads[1].mean().item() + 0.5) < 4 * 0.1 / 300**0.5
+
+
 def test_same_generator_state_same_noise_and_the_generator_advances():
     first, second, third = tensors(), tensors(), tensors()
     noise = GaussianNoise()
@@ -55,7 +63,10 @@ def test_global_rng_drives_noise_without_a_generator():
     assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
 
 
-def test_zero_std_adds_nothing():
+def test_zero_std_adds_nothing_and_still_scales():
     grads = tensors()
     GaussianNoise().add_(grads, 0.0)
     assert all(not g.any() for g in grads)
+    grads = [torch.arange(10.0)]
+    GaussianNoise().add_(grads, 0.0, scale=0.5)
+    assert torch.equal(grads[0], torch.arange(10.0) / 2)

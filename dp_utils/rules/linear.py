@@ -30,7 +30,8 @@ def matmul_norm_sq(a: torch.Tensor, g: torch.Tensor, with_bias: bool = False) ->
         a_gram, g_gram = a @ a.mT, g @ g.mT  # (E, T, T)
         if with_bias:
             a_gram += 1
-        return (a_gram.view(examples, 1, -1) @ g_gram.view(examples, -1, 1)).flatten()  # <A A^T, G G^T>
+        # <A A^T, G G^T>; vecdot, not a (1, T^2) @ (T^2, 1) bmm, which is 15x slower on CPU
+        return torch.linalg.vecdot(a_gram.view(examples, -1), g_gram.view(examples, -1))
     norm_sq = torch.einsum("etp,etd->epd", g, a).pow(2).sum((1, 2))  # (E, p, d) per-example gradients
     return norm_sq + g.sum(1).pow(2).sum(1) if with_bias else norm_sq
 
