@@ -9,6 +9,11 @@ from __future__ import annotations
 import torch
 
 
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """Norms accumulate in at least fp32, also under bf16/fp16 autocast."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 class RowGroups:
     """Maps the B rows of a batch to E examples; the identity when every row is its own example."""
 
@@ -16,6 +21,7 @@ class RowGroups:
         if group_ids is not None and multiplicity != 1:
             raise ValueError("Give either group_ids or a multiplicity, not both.")
         self.num_rows = num_rows
+        self._last_gram: tuple | None = None  # (key, tensor, Gram) of the last gram() call
         self._contiguous = None  # K when rows i*K..i*K+K-1 form example i (no copy needed to group them)
         if group_ids is None:
             if num_rows % multiplicity:
@@ -58,6 +64,19 @@ class RowGroups:
         idx = (self.row_to_example.to(x.device), self._position.to(x.device))
         padded[idx] = x
         return padded.reshape(self.num_examples, self._max_rows * x.shape[1], *x.shape[2:])
+
+    def gram(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, d) -> (E, K*T, K*T): Gram matrices of each example's tokens, in at least fp32.
+
+        The last one is kept (one backward, one RowGroups): attention's q, k and v projections read the same input
+        and their output gradients arrive one after another, so they share one Gram. The key is the memory and
+        layout of x, and x is kept with it, so no other tensor can take its address meanwhile.
+        """
+        key = (x.data_ptr(), x.shape, x.stride(), x.dtype)
+        if self._last_gram is None or self._last_gram[0] != key:
+            tokens = upcast(self.tokens(x))
+            self._last_gram = (key, x, tokens @ tokens.mT)
+        return self._last_gram[2]
 
     def sum_rows(self, x: torch.Tensor) -> torch.Tensor:
         """(B, ...) -> (E, ...): per-example sums of per-row quantities."""

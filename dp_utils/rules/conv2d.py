@@ -33,7 +33,7 @@ def _patches(module: nn.Conv2d, calls: list) -> tuple[torch.Tensor, torch.Tensor
 
 def conv2d_norm_sq(module: nn.Conv2d, calls: list, groups: RowGroups) -> torch.Tensor:
     a, g = _patches(module, calls)
-    return weight_and_bias_norm_sq(module, groups.tokens(a), groups.tokens(g))
+    return weight_and_bias_norm_sq(module, a, g, groups)
 
 
 def conv2d_summed_grads(module: nn.Conv2d, calls: list) -> dict[str, torch.Tensor]:

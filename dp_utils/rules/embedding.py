@@ -8,8 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..groups import RowGroups
-from .linear import upcast
+from ..groups import RowGroups, upcast
 
 
 def embedding_unsupported(module: nn.Embedding) -> str | None:

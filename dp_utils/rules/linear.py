@@ -11,28 +11,21 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..groups import RowGroups
+from ..groups import RowGroups, upcast
 
 
-def upcast(x: torch.Tensor) -> torch.Tensor:
-    """Norms accumulate in at least fp32, also under bf16/fp16 autocast."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
+def matmul_norm_sq(a: torch.Tensor, g: torch.Tensor, groups: RowGroups, with_bias: bool = False) -> torch.Tensor:
+    """Per-example ||sum of g_b^T a_b over the example's rows||_F^2, a (B, T, d), g (B, T, p).
 
-
-def matmul_norm_sq(a: torch.Tensor, g: torch.Tensor, with_bias: bool = False) -> torch.Tensor:
-    """Per-example ||g_e^T a_e||_F^2 (+ ||sum_t g_e,t||^2 with_bias) for a (E, T, d), g (E, T, p), in >= fp32.
-
-    The bias is a weight column fed with ones, so in the ghost form it costs only a 1 added to the input Gram.
+    with_bias adds the bias's: a weight column fed with ones, so <A A^T + 1, G G^T> adds ||sum_t g_t||^2.
     """
-    a, g = upcast(a), upcast(g)
-    examples, tokens, d, p = a.shape[0], a.shape[1], a.shape[2], g.shape[2]
+    g = upcast(groups.tokens(g))  # (E, K*T, p)
+    tokens, d, p = g.shape[1], a.shape[-1], g.shape[-1]
     if tokens * (d + p) < d * p:
-        a_gram, g_gram = a @ a.mT, g @ g.mT  # (E, T, T)
-        if with_bias:
-            a_gram += 1
-        # <A A^T, G G^T>; vecdot, not a (1, T^2) @ (T^2, 1) bmm, which is 15x slower on CPU
-        return torch.linalg.vecdot(a_gram.view(examples, -1), g_gram.view(examples, -1))
-    norm_sq = torch.einsum("etp,etd->epd", g, a).pow(2).sum((1, 2))  # (E, p, d) per-example gradients
+        # <A A^T, G G^T> by vecdot, not a (1, T^2) @ (T^2, 1) bmm, which is 15x slower on CPU
+        norm_sq = torch.linalg.vecdot(groups.gram(a).flatten(1), (g @ g.mT).flatten(1))
+    else:
+        norm_sq = torch.einsum("etp,etd->epd", g, upcast(groups.tokens(a))).pow(2).sum((1, 2))  # (E, p, d) grads
     return norm_sq + g.sum(1).pow(2).sum(1) if with_bias else norm_sq
 
 
@@ -56,15 +49,15 @@ def tokens_of(calls: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Ten
 
 def linear_norm_sq(module: nn.Linear, calls: list, groups: RowGroups) -> torch.Tensor:
     a, g = tokens_of(calls)
-    return weight_and_bias_norm_sq(module, groups.tokens(a), groups.tokens(g))
+    return weight_and_bias_norm_sq(module, a, g, groups)
 
 
-def weight_and_bias_norm_sq(module: nn.Module, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """Squared norms of the trainable weight (g^T a) and bias (sum of g) of a linear map, a (E, T, d), g (E, T, p)."""
+def weight_and_bias_norm_sq(module: nn.Module, a: torch.Tensor, g: torch.Tensor, groups: RowGroups) -> torch.Tensor:
+    """Per-example squared norms of the trainable weight (g^T a) and bias (sum of g), a (B, T, d), g (B, T, p)."""
     with_bias = module.bias is not None and module.bias.requires_grad
     if module.weight.requires_grad:
-        return matmul_norm_sq(a, g, with_bias)
-    return upcast(g).sum(1).pow(2).sum(1) if with_bias else 0
+        return matmul_norm_sq(a, g, groups, with_bias)
+    return upcast(groups.tokens(g)).sum(1).pow(2).sum(1) if with_bias else 0
 
 
 def linear_summed_grads(module: nn.Linear, calls: list) -> dict[str, torch.Tensor]:

@@ -9,8 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..groups import RowGroups
-from .linear import upcast
+from ..groups import RowGroups, upcast
 
 
 def _layer_norm_row_grads(module: nn.LayerNorm, x: torch.Tensor, g: torch.Tensor) -> dict[str, torch.Tensor]:
