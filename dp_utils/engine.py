@@ -161,10 +161,10 @@ class ClippingEngine:
         self._groups, self._norm_sq, self._counted, self._capturing = groups, None, set(), True
         try:  # norms accumulate as the output gradients arrive
             torch.autograd.grad(losses.sum(), [self._anchor], retain_graph=self.mode == "flash", allow_unused=True)
-        finally:
-            self._capturing = False
-        with torch.no_grad():  # the engine's own arithmetic must not build a graph on the stored activations
-            row_coef = self._clip_factors(losses, groups)
+            with torch.no_grad():  # the engine's own arithmetic must not build a graph on the stored activations
+                row_coef = self._clip_factors(losses, groups)
+        finally:  # also drops the groups' last Gram and the input it keeps
+            self._capturing, self._groups = False, None
         if self.mode == "flash":
             self._calls = {}
             (row_coef.to(losses.device, losses.dtype) * losses).sum().backward()
