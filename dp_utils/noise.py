@@ -26,8 +26,9 @@ class GaussianNoise:
     ) -> None:
         """t <- scale * t + N(0, std^2) for every t; the noise comes from `generator` (None: torch's global RNG)."""
         if std == 0 or not tensors:
-            for t in tensors if scale != 1 else []:
-                t.mul_(scale)
+            if scale != 1:
+                for t in tensors:
+                    t.mul_(scale)
             return
         if tensors[0].device.type != "cpu":
             for t in tensors:

@@ -17,7 +17,7 @@ from ..groups import RowGroups, upcast
 def matmul_norm_sq(a: torch.Tensor, g: torch.Tensor, groups: RowGroups, with_bias: bool = False) -> torch.Tensor:
     """Per-example ||sum of g_b^T a_b over the example's rows||_F^2, a (B, T, d), g (B, T, p).
 
-    with_bias adds the bias's: a weight column fed with ones, so <A A^T + 1, G G^T> adds ||sum_t g_t||^2.
+    with_bias adds the bias's squared norm: a weight column fed with ones, so <A A^T + 1, G G^T> adds ||sum_t g_t||^2.
     """
     g = upcast(groups.tokens(g))  # (E, K*T, p)
     tokens, d, p = g.shape[1], a.shape[-1], g.shape[-1]
