@@ -14,19 +14,14 @@ from torch import nn
 from ..groups import RowGroups, upcast
 
 
-def matmul_norm_sq(a: torch.Tensor, g: torch.Tensor, groups: RowGroups, with_bias: bool = False) -> torch.Tensor:
-    """Per-example ||sum of g_b^T a_b over the example's rows||_F^2, a (B, T, d), g (B, T, p).
-
-    with_bias adds the bias's squared norm: a weight column fed with ones, so <A A^T + 1, G G^T> adds ||sum_t g_t||^2.
-    """
+def matmul_norm_sq(a: torch.Tensor, g: torch.Tensor, groups: RowGroups) -> torch.Tensor:
+    """Per-example ||sum of g_b^T a_b over the example's rows||_F^2, a (B, T, d), g (B, T, p)."""
     g = upcast(groups.tokens(g))  # (E, K*T, p)
     tokens, d, p = g.shape[1], a.shape[-1], g.shape[-1]
     if tokens * (d + p) < d * p:
         # <A A^T, G G^T> by vecdot, not a (1, T^2) @ (T^2, 1) bmm, which is 15x slower on CPU
-        norm_sq = torch.linalg.vecdot(groups.gram(a).flatten(1), (g @ g.mT).flatten(1))
-    else:
-        norm_sq = torch.einsum("etp,etd->epd", g, upcast(groups.tokens(a))).pow(2).sum((1, 2))  # (E, p, d) grads
-    return norm_sq + g.sum(1).pow(2).sum(1) if with_bias else norm_sq
+        return torch.linalg.vecdot(groups.gram(a).flatten(1), (g @ g.mT).flatten(1))
+    return torch.einsum("etp,etd->epd", g, upcast(groups.tokens(a))).pow(2).sum((1, 2))  # (E, p, d) grads
 
 
 def matmul_sum(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -54,10 +49,10 @@ def linear_norm_sq(module: nn.Linear, calls: list, groups: RowGroups) -> torch.T
 
 def weight_and_bias_norm_sq(module: nn.Module, a: torch.Tensor, g: torch.Tensor, groups: RowGroups) -> torch.Tensor:
     """Per-example squared norms of the trainable weight (g^T a) and bias (sum of g), a (B, T, d), g (B, T, p)."""
-    with_bias = module.bias is not None and module.bias.requires_grad
-    if module.weight.requires_grad:
-        return matmul_norm_sq(a, g, groups, with_bias)
-    return upcast(groups.tokens(g)).sum(1).pow(2).sum(1) if with_bias else 0
+    norm_sq = matmul_norm_sq(a, g, groups) if module.weight.requires_grad else 0
+    if module.bias is not None and module.bias.requires_grad:
+        norm_sq = norm_sq + upcast(groups.tokens(g)).sum(1).pow(2).sum(1)  # ||sum_t g_t||^2
+    return norm_sq
 
 
 def linear_summed_grads(module: nn.Linear, calls: list) -> dict[str, torch.Tensor]:
