@@ -17,9 +17,23 @@ resumes from the finished shards, and several processes (`accelerate launch`) sp
 process then merges the shards in order into one dataset in --output_dir (`datasets.load_from_disk`) and writes
 `cache_info.json` last: a directory without it is not a finished cache. The format is described in dp_utils/data.py.
 
-Images of any mode become 8-bit RGB: 16-bit greyscale is rescaled to 8 bits (not clipped), transparency is composited
-on white, and the EXIF orientation is applied. They are then resized and centre-cropped as DiT/ADM do
-(`center_crop_arr`). Unreadable images are skipped with a warning and listed in cache_info.json (--strict: an error).
+Every run first fingerprints the input by content: the SHA-256 of each image's bytes, with its name and label (the
+bytes are read, not decoded). Running the same command again:
+- on a finished cache of the same input does nothing; if the images, their names or labels changed, it stops and
+  says which, unless --overwrite_output_dir is given (then the cache is encoded again from scratch);
+- on an unfinished cache resumes it: finished shards whose images changed since are encoded again, so the cache
+  never mixes old and new images;
+- with other settings (resolution, VAE, ...) stops, unless --overwrite_output_dir is given.
+
+Images of any mode become 8-bit RGB (rules in dp_utils/images.py): 16-bit greyscale is scaled by its type's range,
+32-bit integer and float images by a standard range that holds them, else by their own min..max; transparency is
+composited on white, palettes, 1-bit and CMYK are converted, and the EXIF orientation is applied. They are then
+resized and centre-cropped as DiT/ADM do (`center_crop_arr`). Unreadable images are skipped with a warning and listed
+in cache_info.json (--strict: an error); a class whose images are all unreadable is an error that names it, so the
+cache's classes are exactly the classes of its rows.
+
+Mistakes in the flags or inputs stop the script before anything is written, with `error: <what and how to fix it>`
+and exit code 2.
 """
 
 import argparse
@@ -30,27 +44,40 @@ import os
 import shlex
 import shutil
 import sys
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import datasets
-import numpy as np
 import torch
 from accelerate import PartialState
 from accelerate.logging import get_logger
+from accelerate.utils import gather_object
 from diffusers import AutoencoderKL
-from PIL import Image
 from tqdm.auto import tqdm
 
-from dp_utils.data import CACHE_FORMAT_VERSION, CACHE_INFO_NAME, load_image, preprocess_image
+from dp_utils.data import (
+    CACHE_FORMAT_VERSION,
+    CACHE_INFO_NAME,
+    SETTINGS_NAME,
+    SHARDS_DIR,
+    cache_features,
+    check_shards,
+    describe_change,
+    merge_shards,
+    read_output_dir,
+    remove_cache,
+    save_shard,
+    settings_diff,
+    shard_marker,
+    write_json,
+)
 from dp_utils.distributed import check_world_size, run_on_cpu
+from dp_utils.errors import UserError, run_script
+from dp_utils.images import ImageSource, content_digest, load_image, preprocess_image, read_dataset, read_image_folder
 
 logger = get_logger(__name__)
 
 DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
-SHARDS_DIR = "shards"
-SETTINGS_NAME = "settings.json"
-IMAGE_EXTENSIONS = {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
 
 
 def to_model_input(pixels: torch.Tensor, flip: bool) -> torch.Tensor:
@@ -67,136 +94,12 @@ def encode_batch(vae: AutoencoderKL, x: torch.Tensor, scaling_factor: float, shi
     return (dist.mean - shift_factor) * scaling_factor, dist.std * scaling_factor
 
 
-@dataclass
-class ImageSource:
-    """The input images in a fixed order: how to open each one, its name, and the labels."""
-
-    ids: list[str]  # a row's name in messages and in the cache's `source` column
-    labels: list[int] | None  # None: unconditional
-    class_names: list[str] | None
-    fingerprint: str  # changes with the input, so a resumed run never mixes two inputs
-    paths: list[str] | None = None  # --train_data_dir
-    dataset: datasets.Dataset | None = None  # --dataset_name, images left undecoded
-    image_column: str = "image"
-
-    def open(self, i: int) -> Image.Image:
-        """Decode input image `i`."""
-        return load_image(self.paths[i] if self.paths is not None else self.dataset[i][self.image_column])
-
-
-def read_image_folder(root: str, unconditional: bool) -> ImageSource:
-    """List an image folder: one sub-folder per class (labels in sorted name order), or only images (unconditional)."""
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"--train_data_dir {root} is not a directory.")
-
-    def images_in(folder: Path) -> list[Path]:
-        found = []
-        for dirpath, dirnames, filenames in os.walk(folder):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            found += [Path(dirpath, f) for f in sorted(filenames) if Path(f).suffix.lower() in IMAGE_EXTENSIONS]
-        return found
-
-    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    loose = sorted(p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-    if class_dirs and loose:
-        raise ValueError(
-            f"--train_data_dir {root} has both class sub-folders ({', '.join(p.name for p in class_dirs[:5])}) and "
-            f"loose images ({', '.join(p.name for p in loose[:5])}). Move the images into class folders, or use a "
-            "folder of images only for unconditional data."
-        )
-    groups = [(d.name, images_in(d)) for d in class_dirs] or [(None, loose)]
-    for name, files in groups:
-        if name is not None and not files:
-            raise ValueError(f"Class folder {root / name} has no images; add images or remove the folder.")
-    files = [f for _, files in groups for f in files]
-    if not files:
-        raise ValueError(f"--train_data_dir {root} holds no images (extensions {sorted(IMAGE_EXTENSIONS)[:12]}...).")
-    ids = [f.relative_to(root).as_posix() for f in files]
-    conditional = bool(class_dirs) and not unconditional
-    labels = [k for k, (_, files) in enumerate(groups) for _ in files] if conditional else None
-    listing = "\n".join(f"{i}\t{f.stat().st_size}" for i, f in zip(ids, files, strict=True))
-    return ImageSource(
-        ids=ids,
-        labels=labels,
-        class_names=[name for name, _ in groups] if conditional else None,
-        fingerprint=hashlib.sha256(listing.encode()).hexdigest(),
-        paths=[str(f) for f in files],
-    )
-
-
-def read_dataset(args: argparse.Namespace) -> ImageSource:
-    """Load `--dataset_name` (Hub id, local loadable folder, or a `save_to_disk` folder) and check its columns."""
-    name = args.dataset_name
-    try:
-        if any(os.path.isfile(os.path.join(name, f)) for f in ("state.json", "dataset_dict.json")):
-            dataset = datasets.load_from_disk(name)
-        else:
-            dataset = datasets.load_dataset(
-                name, args.dataset_config_name, data_dir=args.data_dir, split=args.split, cache_dir=args.cache_dir
-            )
-    except (ValueError, IndexError) as error:  # datasets refuses empty splits; an empty save_to_disk cannot be read
-        raise ValueError(f"Could not load split '{args.split}' of --dataset_name {name}: {error!r}") from error
-    if isinstance(dataset, datasets.DatasetDict):
-        if args.split not in dataset:
-            raise ValueError(f"--split {args.split} is not in {name}; available splits: {list(dataset)}.")
-        dataset = dataset[args.split]
-    columns = dataset.column_names
-    if args.image_column not in columns:
-        raise ValueError(f"--image_column '{args.image_column}' is not in {name}; available columns: {columns}.")
-    feature = dataset.features[args.image_column]
-    if isinstance(feature, datasets.Image):
-        dataset = dataset.cast_column(args.image_column, datasets.Image(decode=False))  # decode ourselves, per row
-    elif feature != datasets.Value("string"):
-        raise ValueError(f"--image_column '{args.image_column}' holds {feature}, not images or image file paths.")
-    if len(dataset) == 0:
-        raise ValueError(f"Split '{args.split}' of {name} is empty: nothing to encode.")
-    label_column = args.label_column
-    if label_column is None:
-        label_column = "label" if "label" in columns else "none"
-        if label_column == "none":
-            logger.warning(f"{name} has no 'label' column: making an unconditional cache (columns: {columns}).")
-    labels = class_names = None
-    if label_column.lower() != "none":
-        if label_column not in columns:
-            raise ValueError(
-                f"--label_column '{label_column}' is not in {name}; available columns: {columns}. "
-                "Pass --label_column <name>, or --label_column none for an unconditional cache."
-            )
-        values = dataset.select_columns([label_column]).to_dict()[label_column]
-        label_feature = dataset.features[label_column]
-        if None in values:
-            raise ValueError(f"Row {values.index(None)} has no label; drop such rows or pass --label_column none.")
-        if isinstance(label_feature, datasets.ClassLabel):
-            class_names = list(label_feature.names)
-        elif all(isinstance(v, str) for v in values):
-            class_names = sorted(set(values))
-            index = {c: k for k, c in enumerate(class_names)}
-            values = [index[v] for v in values]
-        elif all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-            class_names = [str(k) for k in range(max(values) + 1)]
-        else:
-            raise ValueError(f"--label_column '{label_column}' holds {label_feature}: expected class ids or names.")
-        bad = [i for i, v in enumerate(values) if not 0 <= v < len(class_names)]
-        if bad:
-            raise ValueError(
-                f"Row {bad[0]} has label {values[bad[0]]}, outside 0..{len(class_names) - 1}; drop "
-                "unlabelled rows, or pass --label_column none for an unconditional cache."
-            )
-        labels = values
-    listing = f"{len(dataset)} rows {dataset.features}"
-    return ImageSource(
-        ids=[f"{args.split}[{i}]" for i in range(len(dataset))],
-        labels=labels,
-        class_names=class_names,
-        fingerprint=hashlib.sha256(listing.encode()).hexdigest(),
-        dataset=dataset,
-        image_column=args.image_column,
-    )
-
-
 class ImageRows(torch.utils.data.Dataset):
-    """Input images `start..end` preprocessed in DataLoader workers: `(i, uint8 (H, W, 3) or None, error or None)`."""
+    """Input images `start..end` read and preprocessed in DataLoader workers.
+
+    Each item is `(i, uint8 (H, W, 3) or None, error or None, content digest)`: the digest is of the very bytes that
+    were decoded, so a shard's recorded fingerprint is that of what it holds.
+    """
 
     def __init__(self, source: ImageSource, start: int, end: int, resolution: int) -> None:
         self.source, self.start, self.end, self.resolution = source, start, end, resolution
@@ -207,9 +110,13 @@ class ImageRows(torch.utils.data.Dataset):
     def __getitem__(self, k: int) -> tuple:
         i = self.start + k
         try:
-            return i, torch.from_numpy(preprocess_image(self.source.open(i), self.resolution)), None
+            data = self.source.read_bytes(i)
+        except OSError as error:
+            return i, None, f"{type(error).__name__}: {error}", content_digest(error)
+        try:
+            return i, torch.from_numpy(preprocess_image(load_image(data), self.resolution)), None, content_digest(data)
         except Exception as error:  # any failure to decode means the file is unusable; reported, not hidden
-            return i, None, f"{type(error).__name__}: {error}"
+            return i, None, f"{type(error).__name__}: {error}", content_digest(data)
 
 
 def load_vae_config(args: argparse.Namespace) -> tuple[dict | None, dict]:
@@ -220,59 +127,32 @@ def load_vae_config(args: argparse.Namespace) -> tuple[dict | None, dict]:
     if args.vae is None and args.pretrained_model_name_or_path is not None:
         kwargs["subfolder"] = "vae"
     elif os.path.isfile(os.path.join(kwargs["pretrained_model_name_or_path"], "model_index.json")):
-        raise ValueError(f"--vae {args.vae} is a pipeline folder: pass it as --pretrained_model_name_or_path.")
+        raise UserError(f"--vae {args.vae} is a pipeline folder: pass it as --pretrained_model_name_or_path.")
     kwargs["cache_dir"] = args.cache_dir
     vae_id = kwargs["pretrained_model_name_or_path"] + ("/vae" if "subfolder" in kwargs else "")
     try:
         config = AutoencoderKL.load_config(**kwargs)
     except OSError as error:
-        raise OSError(
+        raise UserError(
             f"Could not load the VAE {vae_id}: {error} Pass --vae <Hub id or local folder of an "
             "AutoencoderKL>, --pretrained_model_name_or_path <DiT pipeline>, or --vae none for pixels."
         ) from error
     factor = 2 ** (len(config["block_out_channels"]) - 1)
     if args.resolution % factor:
-        raise ValueError(
+        raise UserError(
             f"--resolution {args.resolution} is not a multiple of the VAE's downsampling factor {factor}; use e.g. "
             f"--resolution {(args.resolution // factor + 1) * factor}."
         )
     return config, kwargs
 
 
-def check_output_dir(output_dir: Path, settings: dict) -> bool:
-    """True if `output_dir` already holds this finished cache; raise if it holds anything else."""
-    for path in (output_dir / CACHE_INFO_NAME, output_dir / SHARDS_DIR / SETTINGS_NAME):
-        if path.is_file():
-            found = json.loads(path.read_text())
-            found = found.get("settings") if path.name == CACHE_INFO_NAME else found
-            if found != settings:
-                diff = [f"{k}: {found.get(k)!r} there, {v!r} now" for k, v in settings.items() if found.get(k) != v]
-                raise ValueError(
-                    f"--output_dir {output_dir} holds a cache made with different settings ({'; '.join(diff)}). "
-                    "Pick another --output_dir, or delete that one to rebuild it."
-                )
-            return path.name == CACHE_INFO_NAME
-    if output_dir.is_dir() and any(output_dir.iterdir()):
-        raise ValueError(f"--output_dir {output_dir} is not empty and holds no latent cache; pick an empty directory.")
-    return False
-
-
-def write_json(path: Path, data: dict) -> None:
-    """Write JSON atomically, so a reader never sees half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
-
-
-def cache_features(shape: tuple, pixel_space: bool, class_names: list[str] | None) -> datasets.Features:
-    """Column types of the cache; `shape` is `(V, C, H, W)`."""
-    features = {"mean": datasets.Array4D(shape, "float32")}
-    if not pixel_space:
-        features["std"] = datasets.Array4D(shape, "float32")
-    if class_names is not None:
-        features["label"] = datasets.ClassLabel(names=class_names)
-    features["source"] = datasets.Value("string")
-    return datasets.Features(features)
+def fingerprint_shards(source: ImageSource, bounds: list[tuple], state: PartialState) -> list[str]:
+    """Every shard's content fingerprint, on every process; each process hashes the shards it would encode."""
+    mine = range(state.process_index, len(bounds), state.num_processes)
+    progress = tqdm(mine, desc="Fingerprinting", disable=not state.is_local_main_process)
+    found = {k: source.fingerprint(*bounds[k]) for k in progress}
+    gathered = {k: fp for part in gather_object([found]) for k, fp in part.items()}
+    return [gathered[k] for k in range(len(bounds))]
 
 
 def encode_shard(
@@ -283,8 +163,9 @@ def encode_shard(
     vae: AutoencoderKL | None,
     latent_shape: list[int],
     progress: tqdm,
-) -> tuple[dict[str, list], list[dict]]:
-    """Encode input images `start..end`: the cache columns of the readable ones, and what was skipped and why."""
+) -> tuple[dict[str, list], list[dict], str]:
+    """Encode input images `start..end`: the cache columns of the readable ones, what was skipped and why, and the
+    fingerprint of the bytes that were read."""
     num_views = 2 if args.flip else 1
     loader = torch.utils.data.DataLoader(
         ImageRows(source, start, end, args.resolution),
@@ -293,19 +174,20 @@ def encode_shard(
         collate_fn=list,
     )
     rows = {"mean": [], "std": [], "label": [], "source": []}
-    skipped = []
+    skipped, digests = [], []
     for batch in loader:
-        for i, _, error in batch:
+        for i, _, error, digest in batch:
+            digests.append(digest)
             if error is None:
                 continue
             if args.strict:
-                raise ValueError(
+                raise UserError(
                     f"Cannot read image {source.ids[i]}: {error}. Fix or remove it, or run without "
                     "--strict to skip unreadable images."
                 )
             logger.warning(f"Skipping unreadable image {source.ids[i]}: {error}", main_process_only=False)
             skipped.append({"source": source.ids[i], "error": error})
-        good = [(i, pixels) for i, pixels, error in batch if error is None]
+        good = [(i, pixels) for i, pixels, error, _ in batch if error is None]
         progress.update(len(batch))
         if not good:
             continue
@@ -320,37 +202,7 @@ def encode_shard(
         if source.labels is not None:
             rows["label"] += [source.labels[i] for i, _ in good]
         rows["source"] += [source.ids[i] for i, _ in good]
-    return rows, skipped
-
-
-def save_shard(shards_dir: Path, k: int, rows: dict[str, list], skipped: list[dict], features: datasets.Features):
-    """Save shard `k` under a temporary name, move it into place, then mark it done: only a marked shard counts."""
-    shard_path, tmp_path = shards_dir / f"{k:05d}", shards_dir / f"{k:05d}.tmp"
-    for stale in (shard_path, tmp_path):
-        shutil.rmtree(stale, ignore_errors=True)
-    if rows["source"]:  # an all-skipped shard has no rows, and datasets cannot reload an empty save
-        columns = {name: np.concatenate(rows[name]) if name in ("mean", "std") else rows[name] for name in features}
-        datasets.Dataset.from_dict(columns, features=features).save_to_disk(str(tmp_path))
-        os.replace(tmp_path, shard_path)
-    write_json(shards_dir / f"{k:05d}.done.json", {"rows": len(rows["source"]), "skipped": skipped})
-
-
-def merge_shards(output_dir: Path, num_shards: int) -> tuple[datasets.Dataset, list[dict]]:
-    """Concatenate the finished shards in order into the dataset in `output_dir`; also return all skipped images."""
-    shards_dir = output_dir / SHARDS_DIR
-    parts, skipped = [], []
-    for k in range(num_shards):
-        marker = json.loads((shards_dir / f"{k:05d}.done.json").read_text())
-        skipped += marker["skipped"]
-        if marker["rows"]:
-            parts.append(datasets.load_from_disk(str(shards_dir / f"{k:05d}")))
-    if not parts:
-        raise ValueError(f"None of the input images could be read, e.g. {skipped[0]}.")
-    merged = datasets.concatenate_datasets(parts)
-    for stale in [*output_dir.glob("data-*.arrow"), output_dir / "state.json", output_dir / "dataset_info.json"]:
-        stale.unlink(missing_ok=True)  # left by a merge that was killed
-    merged.save_to_disk(str(output_dir))
-    return merged, skipped
+    return rows, skipped, source.fingerprint(start, end, digests)
 
 
 def make_state() -> PartialState:
@@ -360,9 +212,16 @@ def make_state() -> PartialState:
     return state
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are UserErrors: one line and exit code 2 through `run_script`, no usage dump."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UserError(f"{message} (see --help)")
+
+
 def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     """Parse the command line."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     data = parser.add_argument_group("input (give --dataset_name or --train_data_dir)")
     data.add_argument(
         "--dataset_name",
@@ -442,7 +301,15 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         type=str,
         required=True,
         help=f"Where the cache goes: the dataset (`datasets.load_from_disk`) and {CACHE_INFO_NAME}. "
-        "Re-running with the same settings resumes an unfinished cache.",
+        "Re-running with the same settings resumes an unfinished cache (encoding again the finished shards whose "
+        "images changed) and leaves a finished cache of the same input as it is.",
+    )
+    out.add_argument(
+        "--overwrite_output_dir",
+        action="store_true",
+        help="Replace a cache in --output_dir that cannot be kept: one made with other settings, or a finished one "
+        "whose input images, names or labels changed (without it the script stops and says what differs). A cache "
+        "that matches is still resumed or kept; a directory holding anything else is never touched.",
     )
     out.add_argument("--cache_dir", type=str, default=None, help="Where downloaded datasets and models are cached.")
     out.add_argument(
@@ -455,21 +322,28 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     out.add_argument(
         "--strict",
         action="store_true",
-        help="Stop on an unreadable image instead of skipping it (skips are listed in the metadata).",
+        help="Stop on an unreadable image instead of skipping it (skips are listed in the metadata). Without it, a "
+        "class whose images are all unreadable still stops the run, naming the class.",
     )
     args = parser.parse_args(input_args)
     args.argv = list(sys.argv[1:] if input_args is None else input_args)
     if (args.dataset_name is None) == (args.train_data_dir is None):
-        raise ValueError("Give exactly one of --dataset_name or --train_data_dir.")
+        raise UserError("Give exactly one of --dataset_name or --train_data_dir.")
     if args.vae is not None and args.pretrained_model_name_or_path is not None:
-        raise ValueError("Give --vae or --pretrained_model_name_or_path (whose vae/ is used), not both.")
+        raise UserError("Give --vae or --pretrained_model_name_or_path (whose vae/ is used), not both.")
     if args.train_data_dir is not None and args.label_column not in (None, "none"):
-        raise ValueError("--label_column is for --dataset_name; --train_data_dir takes labels from its sub-folders.")
+        raise UserError("--label_column is for --dataset_name; --train_data_dir takes labels from its sub-folders.")
     for flag in ("resolution", "batch_size", "shard_size"):
         if getattr(args, flag) < 1:
-            raise ValueError(f"--{flag} must be positive, got {getattr(args, flag)}.")
+            raise UserError(f"--{flag} must be positive, got {getattr(args, flag)}.")
+    if args.dataloader_num_workers < 0:
+        raise UserError(f"--dataloader_num_workers must be 0 or more, got {args.dataloader_num_workers}.")
     if args.mixed_precision is None:
         args.mixed_precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+        if args.mixed_precision not in ("no", "fp16", "bf16"):
+            raise UserError(
+                f"accelerate's mixed precision {args.mixed_precision}: pass --mixed_precision no/fp16/bf16."
+            )
     return args
 
 
@@ -480,14 +354,26 @@ def main(args: argparse.Namespace) -> None:
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO, force=True)
     datasets.disable_progress_bars()  # one bar of our own instead of one per shard save
 
-    # Everything that can be wrong with the inputs is checked here, before any encoding.
+    # Everything that can be wrong with the inputs is checked here, before anything is written.
     unconditional = args.label_column is not None and args.label_column.lower() == "none"
     if args.train_data_dir is not None:
         source = read_image_folder(args.train_data_dir, unconditional)
     else:
-        source = read_dataset(args)
+        source = read_dataset(
+            args.dataset_name,
+            args.split,
+            args.image_column,
+            args.label_column,
+            args.dataset_config_name,
+            args.data_dir,
+            args.cache_dir,
+        )
     if source.class_names is None:
-        logger.info(f"{len(source.ids)} images, no labels: making an unconditional cache.")
+        no_label = args.dataset_name is not None and args.label_column is None
+        (logger.warning if no_label else logger.info)(
+            f"{len(source.ids)} images, no labels: making an unconditional cache"
+            + (" (the dataset has no 'label' column; pass --label_column <name> for labels)." if no_label else ".")
+        )
     else:
         names = ", ".join(source.class_names[:10]) + (", ..." if len(source.class_names) > 10 else "")
         logger.info(f"{len(source.ids)} images in {len(source.class_names)} classes: {names}.")
@@ -506,8 +392,6 @@ def main(args: argparse.Namespace) -> None:
         "split": None if args.train_data_dir else args.split,
         "image_column": None if args.train_data_dir else args.image_column,
         "conditional": source.labels is not None,
-        "input_fingerprint": source.fingerprint,
-        "num_inputs": len(source.ids),
         "vae": os.path.abspath(vae_id) if vae_id and os.path.isdir(vae_id) else vae_id,
         "vae_subfolder": vae_kwargs.get("subfolder"),
         "resolution": args.resolution,
@@ -515,43 +399,76 @@ def main(args: argparse.Namespace) -> None:
         "mixed_precision": "no" if pixel_space else args.mixed_precision,
         "shard_size": args.shard_size,
     }
-    output_dir = Path(args.output_dir)
+    output_dir = Path(args.output_dir).absolute()
     shards_dir = output_dir / SHARDS_DIR
-    if check_output_dir(output_dir, settings):
-        logger.info(f"{output_dir} already holds this finished cache; nothing to do.")
-        return
-    state.wait_for_everyone()  # every process has checked the old settings before the main one writes them
-    if state.is_main_process:
-        shards_dir.mkdir(parents=True, exist_ok=True)
-        write_json(shards_dir / SETTINGS_NAME, settings)
-    state.wait_for_everyone()
+    found, finished = read_output_dir(output_dir)
+    replace = found is not None and found.get("settings") != settings
+    if replace and not args.overwrite_output_dir:
+        raise UserError(
+            f"--output_dir {output_dir} holds a cache made with different settings "
+            f"({settings_diff(found.get('settings') or {}, settings)}). Pick another --output_dir, or pass "
+            "--overwrite_output_dir to replace it."
+        )
 
+    num_shards = -(-len(source.ids) // args.shard_size)
+    bounds = [(k * args.shard_size, min((k + 1) * args.shard_size, len(source.ids))) for k in range(num_shards)]
+    fingerprints = fingerprint_shards(source, bounds, state)
+    input_fingerprint = hashlib.sha256(json.dumps([source.class_names, fingerprints]).encode()).hexdigest()
+    if finished and not replace:
+        if found.get("input_fingerprint") == input_fingerprint:
+            logger.info(f"{output_dir} already holds this finished cache of this input; nothing to do.")
+            return
+        if not args.overwrite_output_dir:
+            raise UserError(
+                f"--output_dir {output_dir} holds a finished cache of a different input "
+                f"({describe_change(found, source, bounds, fingerprints)}). Pick another --output_dir to keep it, "
+                "or pass --overwrite_output_dir to encode the new input into it."
+            )
+        replace = True
     vae = None
     if not pixel_space:
         dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
         vae = AutoencoderKL.from_pretrained(**vae_kwargs, torch_dtype=dtype).to(state.device).requires_grad_(False)
     features = cache_features((num_views, *latent_shape), pixel_space, source.class_names)
 
-    num_shards = -(-len(source.ids) // args.shard_size)
-    mine = [k for k in range(state.process_index, num_shards, state.num_processes)]
-    todo = [k for k in mine if not (shards_dir / f"{k:05d}.done.json").is_file()]
-    bounds = {k: (k * args.shard_size, min((k + 1) * args.shard_size, len(source.ids))) for k in todo}
+    state.wait_for_everyone()  # every process has read the old cache before the main one replaces it
+    if state.is_main_process:
+        if replace:
+            logger.warning(f"--overwrite_output_dir: replacing the cache in {output_dir}.")
+            remove_cache(output_dir)
+        shards_dir.mkdir(parents=True, exist_ok=True)
+        write_json(shards_dir / SETTINGS_NAME, settings)
+    state.wait_for_everyone()
+
+    mine = list(range(state.process_index, num_shards, state.num_processes))
+    markers = {k: shard_marker(shards_dir, k) for k in mine}
+    encoded = {k: json.loads(markers[k].read_text()).get("fingerprint") for k in mine if markers[k].is_file()}
+    changed = [k for k, fingerprint in encoded.items() if fingerprint != fingerprints[k]]
+    if changed:
+        logger.warning(
+            f"The images of finished shards {changed} changed since they were encoded: encoding them again.",
+            main_process_only=False,
+        )
+    todo = [k for k in mine if encoded.get(k) != fingerprints[k]]
     logger.info(
         f"{len(source.ids)} images in {num_shards} shards. Process {state.process_index} of "
         f"{state.num_processes}: shards {mine}, {len(mine) - len(todo)} done before.",
         main_process_only=False,
     )
     progress = tqdm(
-        total=sum(e - s for s, e in bounds.values()), desc="Encoding", disable=not state.is_local_main_process
+        total=sum(bounds[k][1] - bounds[k][0] for k in todo), desc="Encoding", disable=not state.is_local_main_process
     )
     for k in todo:
-        rows, skipped = encode_shard(source, *bounds[k], args, vae, latent_shape, progress)
-        save_shard(shards_dir, k, rows, skipped, features)
+        rows, skipped, fingerprint = encode_shard(source, *bounds[k], args, vae, latent_shape, progress)
+        save_shard(shards_dir, k, rows, skipped, fingerprint, features)
     progress.close()
     state.wait_for_everyone()
 
+    # Every process checks, so that all of them stop together on an error.
+    done = [json.loads(shard_marker(shards_dir, k).read_text()) for k in range(num_shards)]
+    skipped = check_shards(source, done, bounds, fingerprints)
     if state.is_main_process:
-        merged, skipped = merge_shards(output_dir, num_shards)
+        merged = merge_shards(output_dir, done)
         info = {
             "format_version": CACHE_FORMAT_VERSION,
             "num_rows": len(merged),
@@ -575,6 +492,9 @@ def main(args: argparse.Namespace) -> None:
             "skipped": skipped,
             "command": shlex.join(["python", "precompute_latents.py", *args.argv]),
             "settings": settings,
+            "num_inputs": len(source.ids),
+            "input_fingerprint": input_fingerprint,
+            "shard_fingerprints": fingerprints,
         }
         write_json(output_dir / CACHE_INFO_NAME, info)  # last: its presence means the cache is finished
         shutil.rmtree(shards_dir)
@@ -583,4 +503,4 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    sys.exit(run_script(lambda: main(parse_args())))

@@ -1,23 +1,27 @@
-"""The latent cache of `precompute_latents.py`: image preprocessing, opening, checking against a DiT config, sampling.
+"""The latent cache of `precompute_latents.py`: its format, writing and opening it, checking it against a DiT config.
 
 A cache directory holds a `datasets` dataset (`datasets.load_from_disk(cache_dir)`) with one row per image:
 
 - `mean`: float32 `(V, C, H, W)`, the VAE latent mean already multiplied by the scaling factor (pixels in [-1, 1]
   when the cache was made with `--vae none`); `V` is 2 when the mirrored image was encoded too, else 1.
 - `std`: float32 `(V, C, H, W)`, the latent std times the scaling factor (absent for pixel caches).
-- `label`: int64 `ClassLabel` (absent for unconditional caches).
+- `label`: int64 `ClassLabel` (absent for unconditional caches). A class that had images but none readable is
+  refused when the cache is written; a `ClassLabel` input keeps its classes without images (e.g. an ImageNet subset).
 - `source`: string, the image file (relative to the image folder) or the dataset row (`train[12]`) it came from.
 
-and `cache_info.json`, written last, with the metadata (see `precompute_latents.py`). Every view of an image lives in
-that image's row, so one row is one unit of privacy.
+and `cache_info.json`, written last, with the metadata (see `precompute_latents.py`), among it the fingerprint of
+the input's content (`dp_utils.images`). Every view of an image lives in that image's row, so one row is one unit of
+privacy.
 
-Images are preprocessed as DiT/ADM do (`center_crop_arr`), after becoming 8-bit RGB whatever their mode: 16-bit
-greyscale is rescaled rather than clipped, transparency is composited on white, EXIF orientation is applied.
+While unfinished, the directory holds `shards/settings.json` and, for each finished shard, `shards/NNNNN/` (its rows;
+absent if none could be read) and `shards/NNNNN.done.json` (row count, skipped images, and the fingerprint of the
+bytes it encoded).
 """
 
-import io
 import json
 import os
+import shutil
+from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -25,54 +29,29 @@ from typing import Any
 import datasets
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+
+from .errors import UserError
+from .images import ImageSource
 
 CACHE_INFO_NAME = "cache_info.json"
 CACHE_FORMAT_VERSION = 1
-
-SIXTEEN_BIT_MODES = {"I", "I;16", "I;16L", "I;16B", "I;16N"}
-ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Convert an image of any PIL mode to 8-bit RGB: 16-bit values are rescaled, transparency goes on white."""
-    if image.mode in SIXTEEN_BIT_MODES:
-        # PIL's own I;16 -> L conversion clips at 255, turning most 16-bit photos white; "I" is read as 16-bit too.
-        pixels = np.asarray(image, dtype=np.float64) / 257.0
-        image = Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8))
-    if image.mode in ALPHA_MODES or "transparency" in image.info:
-        # Dropping alpha would expose whatever colour hides under transparent pixels (often black); white is neutral.
-        rgba = image.convert("RGBA")
-        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
-    return image.convert("RGB")
+SHARDS_DIR = "shards"  # an unfinished cache: one saved dataset and one done marker per shard
+SETTINGS_NAME = "settings.json"
 
 
-def center_crop_arr(pil_image: Image.Image, image_size: int) -> Image.Image:
-    """Resize and centre-crop as DiT/ADM do: BOX halvings while large, one BICUBIC resize, then a centre crop."""
-    while min(*pil_image.size) >= 2 * image_size:
-        pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
-    scale = image_size / min(*pil_image.size)
-    pil_image = pil_image.resize(tuple(round(x * scale) for x in pil_image.size), resample=Image.BICUBIC)
-    arr = np.array(pil_image)
-    crop_y = (arr.shape[0] - image_size) // 2
-    crop_x = (arr.shape[1] - image_size) // 2
-    return Image.fromarray(arr[crop_y : crop_y + image_size, crop_x : crop_x + image_size])
+class CacheNotFoundError(UserError, FileNotFoundError):
+    """There is no finished latent cache where one was expected."""
 
 
-def load_image(value: str | os.PathLike | bytes | dict) -> Image.Image:
-    """Open and fully decode an image (path, bytes, or a `datasets.Image(decode=False)` dict) with EXIF rotation."""
-    if isinstance(value, dict):
-        value = value["bytes"] if value.get("bytes") is not None else value["path"]
-    if isinstance(value, bytes):
-        value = io.BytesIO(value)
-    with Image.open(value) as image:
-        image.load()  # decode now so a truncated file fails here, not halfway through the pipeline
-        return ImageOps.exif_transpose(image)  # a copy that outlives the file
-
-
-def preprocess_image(image: Image.Image, resolution: int) -> np.ndarray:
-    """The `(resolution, resolution, 3)` uint8 array the encoder sees for one image."""
-    return np.array(center_crop_arr(to_rgb(image), resolution))
+def cache_features(shape: tuple, pixel_space: bool, class_names: list[str] | None) -> datasets.Features:
+    """Column types of the cache; `shape` is `(V, C, H, W)`."""
+    features = {"mean": datasets.Array4D(shape, "float32")}
+    if not pixel_space:
+        features["std"] = datasets.Array4D(shape, "float32")
+    if class_names is not None:
+        features["label"] = datasets.ClassLabel(names=class_names)
+    features["source"] = datasets.Value("string")
+    return datasets.Features(features)
 
 
 def load_latent_cache(cache_dir: str | os.PathLike) -> tuple[datasets.Dataset, dict[str, Any]]:
@@ -80,24 +59,156 @@ def load_latent_cache(cache_dir: str | os.PathLike) -> tuple[datasets.Dataset, d
     cache_dir = Path(cache_dir)
     info_path = cache_dir / CACHE_INFO_NAME
     if not info_path.is_file():
-        unfinished = " (it holds unfinished shards: run it again to resume)" if (cache_dir / "shards").is_dir() else ""
-        raise FileNotFoundError(
+        unfinished = (
+            " (it holds unfinished shards: run it again to resume)" if (cache_dir / SHARDS_DIR).is_dir() else ""
+        )
+        raise CacheNotFoundError(
             f"No finished latent cache at {cache_dir}: {info_path} is missing{unfinished}. "
             f"Create it with `python precompute_latents.py --output_dir {cache_dir} ...` (see --help)."
         )
     info = json.loads(info_path.read_text())
     if info.get("format_version") != CACHE_FORMAT_VERSION:
-        raise ValueError(
+        raise UserError(
             f"The latent cache at {cache_dir} has format version {info.get('format_version')}, this code reads "
             f"version {CACHE_FORMAT_VERSION}; re-create it with this version of precompute_latents.py."
         )
     dataset = datasets.load_from_disk(str(cache_dir))
     if len(dataset) != info["num_rows"]:
-        raise ValueError(
+        raise UserError(
             f"The latent cache at {cache_dir} has {len(dataset)} rows but {CACHE_INFO_NAME} says {info['num_rows']}; "
             "it was modified after it was written. Re-create it with precompute_latents.py."
         )
     return dataset, info
+
+
+def read_output_dir(output_dir: Path) -> tuple[dict | None, bool]:
+    """What `output_dir` holds: a cache's info (`{"settings": ...}` only if unfinished) or None, and if finished.
+
+    Raise if it cannot be written or holds something that is not a latent cache.
+    """
+    existing = next(p for p in [output_dir, *output_dir.parents] if p.exists())
+    if not existing.is_dir():
+        raise UserError(f"--output_dir {output_dir}: {existing} is a file, not a directory; pick another path.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"--output_dir {output_dir}: {existing} is not writable; pick a directory you can write.")
+    if (output_dir / CACHE_INFO_NAME).is_file():
+        return json.loads((output_dir / CACHE_INFO_NAME).read_text()), True
+    if (output_dir / SHARDS_DIR / SETTINGS_NAME).is_file():
+        return {"settings": json.loads((output_dir / SHARDS_DIR / SETTINGS_NAME).read_text())}, False
+    if output_dir.is_dir() and any(output_dir.iterdir()):
+        raise UserError(f"--output_dir {output_dir} is not empty and holds no latent cache; pick an empty directory.")
+    return None, False
+
+
+def dataset_files(output_dir: Path) -> list[Path]:
+    """The files `save_to_disk` writes for the merged dataset."""
+    return [*output_dir.glob("data-*.arrow"), output_dir / "state.json", output_dir / "dataset_info.json"]
+
+
+def remove_cache(output_dir: Path) -> None:
+    """Delete the cache in `output_dir`, its info first: a half-deleted cache never looks finished."""
+    (output_dir / CACHE_INFO_NAME).unlink(missing_ok=True)
+    for path in dataset_files(output_dir):
+        path.unlink(missing_ok=True)
+    shutil.rmtree(output_dir / SHARDS_DIR, ignore_errors=True)
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Write JSON atomically, so a reader never sees half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+def shard_marker(shards_dir: Path, k: int) -> Path:
+    """The file whose presence marks shard `k` finished: its row count, skipped images and content fingerprint."""
+    return shards_dir / f"{k:05d}.done.json"
+
+
+def save_shard(
+    shards_dir: Path, k: int, rows: dict[str, list], skipped: list[dict], fingerprint: str, features: datasets.Features
+) -> None:
+    """Save shard `k` under a temporary name, move it into place, then mark it done: only a marked shard counts."""
+    shard_path, tmp_path = shards_dir / f"{k:05d}", shards_dir / f"{k:05d}.tmp"
+    for stale in (shard_path, tmp_path):
+        shutil.rmtree(stale, ignore_errors=True)
+    if rows["source"]:  # an all-skipped shard has no rows, and datasets cannot reload an empty save
+        columns = {name: np.concatenate(rows[name]) if name in ("mean", "std") else rows[name] for name in features}
+        datasets.Dataset.from_dict(columns, features=features).save_to_disk(str(tmp_path))
+        os.replace(tmp_path, shard_path)
+    marker = {"rows": len(rows["source"]), "skipped": skipped, "fingerprint": fingerprint}
+    write_json(shard_marker(shards_dir, k), marker)
+
+
+def merge_shards(output_dir: Path, markers: list[dict]) -> datasets.Dataset:
+    """Concatenate the finished shards in order into the dataset in `output_dir`."""
+    shards_dir = output_dir / SHARDS_DIR
+    parts = [datasets.load_from_disk(str(shards_dir / f"{k:05d}")) for k, m in enumerate(markers) if m["rows"]]
+    merged = datasets.concatenate_datasets(parts)
+    for stale in dataset_files(output_dir):
+        stale.unlink(missing_ok=True)  # left by a merge that was killed
+    merged.save_to_disk(str(output_dir))
+    return merged
+
+
+def settings_diff(found: dict, settings: dict) -> str:
+    """`key: old there, new now` for every setting that differs."""
+    keys = [*settings, *(k for k in found if k not in settings)]
+    return "; ".join(
+        f"{k}: {found.get(k)!r} there, {settings.get(k)!r} now" for k in keys if found.get(k) != settings.get(k)
+    )
+
+
+def describe_change(found: dict, source: ImageSource, bounds: list[tuple], fingerprints: list[str]) -> str:
+    """What differs between the input of a finished cache (its info) and this input."""
+    if found.get("num_inputs") != len(source.ids):
+        return f"{found.get('num_inputs')} images there, {len(source.ids)} now"
+    old = found.get("shard_fingerprints") or []
+    changed = [k for k, fp in enumerate(fingerprints) if k >= len(old) or old[k] != fp]
+    if not changed:
+        return "the class names changed"
+    start, end = bounds[changed[0]]
+    return (
+        f"the images, names or labels changed in {len(changed)} of {len(bounds)} shards of --shard_size images, "
+        f"the first among {source.ids[start]} .. {source.ids[end - 1]}"
+    )
+
+
+def check_shards(source: ImageSource, markers: list[dict], bounds: list[tuple], fingerprints: list[str]) -> list[dict]:
+    """All skipped images of the finished shards; raise if a shard's images changed while it was encoded, or if no
+    image, or no image of some class, could be read."""
+    for k, marker in enumerate(markers):
+        if marker["fingerprint"] != fingerprints[k]:
+            start, end = bounds[k]
+            raise UserError(
+                f"Images among {source.ids[start]} .. {source.ids[end - 1]} changed while they were being encoded; "
+                "run the same command again to encode them again."
+            )
+    skipped = [s for marker in markers for s in marker["skipped"]]
+    if not any(marker["rows"] for marker in markers):
+        raise UserError(
+            f"None of the {len(source.ids)} input images could be read, e.g. {skipped[0]['source']}: "
+            f"{skipped[0]['error']}"
+        )
+    if source.labels is None or not skipped:
+        return skipped
+    position = {name: i for i, name in enumerate(source.ids)}
+
+    def label_of(skip: dict) -> int:
+        return source.labels[position[skip["source"]]]
+
+    total, unreadable = Counter(source.labels), Counter(map(label_of, skipped))
+    empty = [y for y, n in sorted(unreadable.items()) if n == total[y]]
+    if empty:
+        example = next(s for s in skipped if label_of(s) == empty[0])
+        names = ", ".join(repr(source.class_names[y]) for y in empty)
+        fix = "remove its folder" if source.paths is not None else "drop its rows"
+        raise UserError(
+            f"Class {names} has no readable image (e.g. {example['source']}: {example['error']}), so it would have "
+            f"no rows. Fix or convert its images, or {fix}, then run the same command again: only the shards that "
+            "changed are encoded again."
+        )
+    return skipped
 
 
 def _config_value(config: Mapping | Any, key: str) -> Any:
@@ -110,20 +221,20 @@ def _config_value(config: Mapping | Any, key: str) -> Any:
 
 
 def validate_latent_cache(dataset: datasets.Dataset, info: Mapping[str, Any], model_config: Mapping | Any) -> None:
-    """Raise a ValueError saying what to change if the cache cannot train a DiT with `model_config`."""
+    """Raise a UserError saying what to change if the cache cannot train a DiT with `model_config`."""
     channels, height, width = info["latent_shape"]
     kind = "pixel" if info["pixel_space"] else "latent"
     in_channels = _config_value(model_config, "in_channels")
     if in_channels != channels:
         remake = "" if info["pixel_space"] else f", or re-create the cache with a VAE of latent_channels={in_channels}"
-        raise ValueError(
+        raise UserError(
             f"The cache holds {channels}-channel {kind}s (shape {info['latent_shape']}) but the model has "
             f"in_channels={in_channels}. Build the model with in_channels={channels}{remake}."
         )
     sample_size = _config_value(model_config, "sample_size")
     model_hw = tuple(sample_size) if isinstance(sample_size, list | tuple) else (sample_size, sample_size)
     if model_hw != (height, width):
-        raise ValueError(
+        raise UserError(
             f"The cache holds {kind}s of size {height}x{width} (images at resolution {info['resolution']}) but the "
             f"model has sample_size={sample_size}. Build the model with sample_size={height}, or re-create the cache "
             f"with --resolution {model_hw[0] * info['resolution'] // height} if the model is right."
@@ -145,7 +256,7 @@ def validate_latent_cache(dataset: datasets.Dataset, info: Mapping[str, Any], mo
                 f"The cache's {CACHE_INFO_NAME} lists only {info['num_classes']} classes, so its rows were changed "
                 "after it was written: re-create it with precompute_latents.py."
             )
-        raise ValueError(
+        raise UserError(
             f"Row {row} of the cache (source {dataset[row]['source']!r}) has label {labels[row]} but the model has "
             f"num_embeds_ada_norm={num_classes} classes ({len(bad)} rows are out of range). {fix}"
         )

@@ -11,14 +11,8 @@ import torch
 from diffusers import DiTTransformer2DModel
 from PIL import Image
 
-from dp_utils.data import (
-    CACHE_INFO_NAME,
-    LatentDataset,
-    center_crop_arr,
-    load_latent_cache,
-    to_rgb,
-    validate_latent_cache,
-)
+from dp_utils.data import CACHE_INFO_NAME, LatentDataset, load_latent_cache, validate_latent_cache
+from dp_utils.images import center_crop_arr, to_rgb
 
 
 def dit_config(**overrides) -> dict:

@@ -15,7 +15,8 @@ from diffusers import AutoencoderKL
 from PIL import Image
 
 import precompute_latents
-from dp_utils.data import CACHE_INFO_NAME, load_image, load_latent_cache, preprocess_image
+from dp_utils.data import CACHE_INFO_NAME, load_latent_cache
+from dp_utils.images import load_image, preprocess_image
 
 GOOD_PHOTOS = [f for f in PHOTO_FILES if f not in CORRUPT_FILES]
 
