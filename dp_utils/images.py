@@ -10,13 +10,14 @@ the bytes but decodes nothing, so it costs a fraction of the encoding it guards.
 Every PIL mode becomes 8-bit RGB (`to_rgb`):
 
 - 16-bit greyscale (`I;16`, any byte order) is scaled by its type's range, 0..65535 -> 0..255, not clipped.
-- 32-bit integers (`I`, also PIL's mode for signed 16-bit files) and floats (`F`) have no range that images share,
-  so each image is scaled by the first standard range that holds all its values: 0..255 (kept as 8-bit) or
-  0..65535 (as 16-bit) for `I`, 0..1 (x 255) for `F`; otherwise by its own range, min..max -> 0..255 (a constant
-  image becomes black). NaN or infinite pixels make the image unreadable.
+- 32-bit integers (`I`, also PIL's mode for signed 16-bit files) and floats (`F`) hold counts, depths, Hounsfield
+  units or radiance: no range is shared by such images, and the type's range would turn most of them black. So an
+  `I` image within 0..255 is kept as 8-bit, an `F` image within 0..1 is scaled by 255, and any other is stretched
+  by its own range, min..max -> 0..255 (a constant one becomes black). NaN or infinite pixels make it unreadable.
 - Transparency (`RGBA`, `LA`, `PA`, palettes with a transparent colour, premultiplied `RGBa`/`La`) is composited on
   white; palettes (`P`), 1-bit, `CMYK` (PIL's conversion, without colour management), `YCbCr`, `LAB` and `HSV` use
-  PIL's conversion. A mode PIL cannot convert is refused by name. EXIF orientation is applied when an image is read.
+  PIL's conversion; a mode it cannot convert makes the image unreadable, with PIL's message naming the mode. EXIF
+  orientation is applied when an image is read.
 """
 
 import hashlib
@@ -40,7 +41,7 @@ HIGH_DEPTH_RANGES = {
     "I;16L": ((0, 65535),),
     "I;16B": ((0, 65535),),
     "I;16N": ((0, 65535),),
-    "I": ((0, 255), (0, 65535)),
+    "I": ((0, 255),),
     "F": ((0.0, 1.0),),
 }
 ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
@@ -58,7 +59,7 @@ def to_8bit(image: Image.Image) -> Image.Image:
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """Convert an image of any PIL mode to 8-bit RGB (rules in the module docstring), or say which mode cannot be."""
+    """Convert an image of any PIL mode to 8-bit RGB (the rules are in the module docstring)."""
     if image.mode in HIGH_DEPTH_RANGES:
         image = to_8bit(image)  # PIL's own conversions clip at 255 (white) or truncate floats (black)
     elif image.mode == "La":
@@ -67,10 +68,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
         # Dropping alpha would expose whatever colour hides under transparent pixels (often black); white is neutral.
         rgba = image.convert("RGBA")
         image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
-    try:
-        return image.convert("RGB")
-    except ValueError as error:
-        raise ValueError(f"images of mode {image.mode} are not supported ({error}); convert it to RGB") from error
+    return image.convert("RGB")
 
 
 def center_crop_arr(pil_image: Image.Image, image_size: int) -> Image.Image:

@@ -6,13 +6,10 @@ import shutil
 import datasets
 import numpy as np
 import pytest
-import skimage.data
 import torch
 from diffusers import DiTTransformer2DModel
-from PIL import Image
 
 from dp_utils.data import CACHE_INFO_NAME, LatentDataset, load_latent_cache, validate_latent_cache
-from dp_utils.images import center_crop_arr, to_rgb
 
 
 def dit_config(**overrides) -> dict:
@@ -29,40 +26,6 @@ def dit_config(**overrides) -> dict:
         norm_num_groups=8,
     )
     return DiTTransformer2DModel(**{**kwargs, **overrides}).config
-
-
-def test_to_rgb_handles_every_mode(photo_dir):
-    rgba = Image.open(photo_dir / "misc/astronaut_rgba.png")
-    assert rgba.mode == "RGBA"
-    rgb = np.asarray(to_rgb(rgba))
-    assert rgb.dtype == np.uint8 and rgb.shape == (512, 512, 3)
-    assert (rgb[:, :64] == 255).all()  # fully transparent pixels composited on white
-    opaque = np.asarray(rgba)[:, -1, :3]
-    np.testing.assert_allclose(rgb[:, -1].astype(int), opaque.astype(int), atol=1)
-
-    sixteen = Image.open(photo_dir / "misc/camera16.png")
-    assert sixteen.mode == "I;16"
-    converted = np.asarray(to_rgb(sixteen))
-    # Written as camera * 257: rescaled back to the 8-bit photo exactly, not clipped to white.
-    np.testing.assert_array_equal(converted, np.repeat(skimage.data.camera()[..., None], 3, axis=-1))
-
-    camera = skimage.data.camera()
-    alpha = np.full_like(camera, 255)
-    alpha[:, :100] = 0
-    grey_alpha = np.asarray(to_rgb(Image.fromarray(np.dstack([camera, alpha]), mode="LA")))
-    assert (grey_alpha[:, :100] == 255).all() and (grey_alpha[:, 100:, 1] == camera[:, 100:]).all()
-
-    palette = Image.open(photo_dir / "cat/coffee_palette.png")
-    cmyk = Image.open(photo_dir / "cat/coffee_cmyk.jpg")
-    assert (palette.mode, cmyk.mode) == ("P", "CMYK")
-    for image in (palette, cmyk):
-        assert to_rgb(image).mode == "RGB"
-
-
-@pytest.mark.parametrize("size", [(451, 300), (300, 451), (20, 17), (64, 64), (1000, 130)])
-def test_center_crop_gives_a_square_of_the_resolution(size):
-    image = Image.new("RGB", size, (10, 20, 30))
-    assert center_crop_arr(image, 32).size == (32, 32)
 
 
 def test_missing_cache_says_how_to_make_it(tmp_path):
