@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, IterableDataset, Sampler
 
+from .errors import UserError
+
 
 def _step_seed(seed: int, step: int) -> int:
     """A 64-bit seed for one step's mask; hashed so that nearby (seed, step) pairs give unrelated streams."""
@@ -49,13 +51,13 @@ class PoissonBatchSampler(Sampler[list[int]]):
         start_step: int = 0,
     ):
         if num_samples <= 0:
-            raise ValueError(f"num_samples must be positive, got {num_samples}.")
+            raise UserError(f"num_samples must be positive, got {num_samples}.")
         if not 0 < sample_rate <= 1:
-            raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}.")
+            raise UserError(f"sample_rate must be in (0, 1], got {sample_rate}.")
         if steps <= 0:
-            raise ValueError(f"steps (per epoch) must be positive, got {steps}.")
+            raise UserError(f"steps (per epoch) must be positive, got {steps}.")
         if not 0 <= rank < world_size:
-            raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}.")
+            raise UserError(f"rank must be in [0, world_size={world_size}), got {rank}.")
         self.num_samples = num_samples
         self.sample_rate = sample_rate
         self.steps = steps
@@ -67,7 +69,7 @@ class PoissonBatchSampler(Sampler[list[int]]):
     def set_step(self, step: int) -> None:
         """Make the next pass start at global step `step` (to resume a run where it stopped)."""
         if step < 0:
-            raise ValueError(f"step must be non-negative, got {step}.")
+            raise UserError(f"step must be non-negative, got {step}.")
         self.next_step = step
 
     def indices_at(self, step: int) -> list[int]:
@@ -129,7 +131,7 @@ def poisson_data_loader(
     """
     dataset = data_loader.dataset
     if isinstance(dataset, IterableDataset):
-        raise ValueError("Poisson sampling needs a map-style dataset (rows by index), not an IterableDataset.")
+        raise UserError("Poisson sampling needs a map-style dataset (rows by index), not an IterableDataset.")
     rank, world_size = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if distributed else (0, 1)
     batch_sampler = PoissonBatchSampler(
         num_samples=len(dataset),

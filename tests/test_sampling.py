@@ -14,6 +14,7 @@ from torch.utils.data._utils.collate import default_collate
 
 import dp_utils
 from dp_utils import PoissonBatchSampler, poisson_data_loader
+from dp_utils.errors import UserError
 from dp_utils.sampling import EmptyBatchCollate
 
 TIMEOUT_S = 120  # a hang in a collective fails the test instead of blocking the suite
@@ -121,12 +122,25 @@ def test_building_the_loader_leaves_torch_rng_alone():
 
 
 def test_bad_arguments():
-    with pytest.raises(ValueError, match="sample_rate must be in"):
+    with pytest.raises(UserError, match="sample_rate must be in"):
         PoissonBatchSampler(10, 0.0, steps=5, seed=0)
-    with pytest.raises(ValueError, match="rank must be in"):
+    with pytest.raises(UserError, match="sample_rate must be in"):
+        PoissonBatchSampler(10, float("nan"), steps=5, seed=0)
+    with pytest.raises(UserError, match="num_samples must be positive"):
+        PoissonBatchSampler(0, 0.5, steps=5, seed=0)
+    with pytest.raises(UserError, match="steps .* must be positive"):
+        PoissonBatchSampler(10, 0.5, steps=0, seed=0)
+    with pytest.raises(UserError, match="rank must be in"):
         PoissonBatchSampler(10, 0.1, steps=5, seed=0, rank=2, world_size=2)
-    with pytest.raises(ValueError, match="step must be non-negative"):
+    with pytest.raises(UserError, match="step must be non-negative"):
         PoissonBatchSampler(10, 0.1, steps=5, seed=0, start_step=-1)
+    with pytest.raises(UserError, match="map-style dataset"):
+        poisson_data_loader(DataLoader(_Stream()), seed=0)
+
+
+class _Stream(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        return iter(range(3))
 
 
 # Two processes (gloo on 127.0.0.1): the workers are module functions so that spawned processes can import them.
