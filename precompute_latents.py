@@ -133,8 +133,9 @@ def load_vae_config(args: argparse.Namespace) -> tuple[dict | None, dict]:
     try:
         config = AutoencoderKL.load_config(**kwargs)
     except OSError as error:
+        reason = " ".join(str(error).split())  # diffusers' message spans lines
         raise UserError(
-            f"Could not load the VAE {vae_id}: {error} Pass --vae <Hub id or local folder of an "
+            f"Could not load the VAE {vae_id}: {reason} Pass --vae <Hub id or local folder of an "
             "AutoencoderKL>, --pretrained_model_name_or_path <DiT pipeline>, or --vae none for pixels."
         ) from error
     factor = 2 ** (len(config["block_out_channels"]) - 1)
@@ -355,6 +356,9 @@ def main(args: argparse.Namespace) -> None:
     datasets.disable_progress_bars()  # one bar of our own instead of one per shard save
 
     # Everything that can be wrong with the inputs is checked here, before anything is written.
+    output_dir = Path(args.output_dir).absolute()
+    shards_dir = output_dir / SHARDS_DIR
+    found, finished = read_output_dir(output_dir)
     unconditional = args.label_column is not None and args.label_column.lower() == "none"
     if args.train_data_dir is not None:
         source = read_image_folder(args.train_data_dir, unconditional)
@@ -399,9 +403,6 @@ def main(args: argparse.Namespace) -> None:
         "mixed_precision": "no" if pixel_space else args.mixed_precision,
         "shard_size": args.shard_size,
     }
-    output_dir = Path(args.output_dir).absolute()
-    shards_dir = output_dir / SHARDS_DIR
-    found, finished = read_output_dir(output_dir)
     replace = found is not None and found.get("settings") != settings
     if replace and not args.overwrite_output_dir:
         raise UserError(

@@ -10,6 +10,7 @@ import torch
 from diffusers import DiTTransformer2DModel
 
 from dp_utils.data import CACHE_INFO_NAME, LatentDataset, load_latent_cache, validate_latent_cache
+from dp_utils.errors import UserError
 
 
 def dit_config(**overrides) -> dict:
@@ -29,8 +30,11 @@ def dit_config(**overrides) -> dict:
 
 
 def test_missing_cache_says_how_to_make_it(tmp_path):
-    with pytest.raises(FileNotFoundError, match=rf"No finished latent cache at {tmp_path}.*precompute_latents\.py"):
+    with pytest.raises(
+        FileNotFoundError, match=rf"No finished latent cache at {tmp_path}.*precompute_latents\.py"
+    ) as error:
         load_latent_cache(tmp_path)
+    assert isinstance(error.value, UserError)  # a script reports it as `error: ...`, exit code 2
 
 
 def test_metadata_is_exposed(photo_cache):
@@ -79,7 +83,7 @@ def test_batches_from_a_dataloader(photo_cache):
 
 def test_wrong_channel_count_is_explained(photo_cache):
     with pytest.raises(
-        ValueError,
+        UserError,
         match=r"4-channel latents .* model has in_channels=3\. Build the model with "
         r"in_channels=4",
     ):
@@ -87,13 +91,13 @@ def test_wrong_channel_count_is_explained(photo_cache):
 
 
 def test_wrong_sample_size_is_explained(photo_cache):
-    with pytest.raises(ValueError, match=r"size 16x16 .* sample_size=32\. Build the model with sample_size=16"):
+    with pytest.raises(UserError, match=r"size 16x16 .* sample_size=32\. Build the model with sample_size=16"):
         LatentDataset(photo_cache, model_config={"in_channels": 4, "sample_size": 32, "num_embeds_ada_norm": 2})
 
 
 def test_label_out_of_range_names_the_row(photo_cache):
     with pytest.raises(
-        ValueError,
+        UserError,
         match=r"Row 3 of the cache \(source 'misc/astronaut_rgba\.png'\) has label 1 but "
         r"the model has num_embeds_ada_norm=1 classes.*num_embeds_ada_norm=2",
     ):

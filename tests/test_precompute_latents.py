@@ -2,9 +2,11 @@
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
+import sys
 
 import datasets
 import numpy as np
@@ -15,7 +17,8 @@ from diffusers import AutoencoderKL
 from PIL import Image
 
 import precompute_latents
-from dp_utils.data import CACHE_INFO_NAME, load_latent_cache
+from dp_utils.data import CACHE_INFO_NAME, CacheNotFoundError, load_latent_cache
+from dp_utils.errors import UserError, run_script
 from dp_utils.images import load_image, preprocess_image
 
 GOOD_PHOTOS = [f for f in PHOTO_FILES if f not in CORRUPT_FILES]
@@ -117,7 +120,7 @@ def test_resume_after_a_killed_run_gives_the_same_cache(tmp_path, photo_cache, p
         run_precompute(photo_cache_args + ["--output_dir", out])
     assert sorted(p.name for p in (out / "shards").iterdir()) == ["00000", "00000.done.json", "settings.json"]
     assert not (out / CACHE_INFO_NAME).exists()
-    with pytest.raises(FileNotFoundError, match="unfinished shards"):
+    with pytest.raises(CacheNotFoundError, match="unfinished shards"):
         load_latent_cache(out)
     (out / "shards/00001.tmp").mkdir()  # a half-written shard: never counted as done
     (out / "shards/00001.tmp/junk.arrow").write_bytes(b"half")
@@ -260,7 +263,7 @@ def test_unconditional_folder_and_pipeline_vae(tmp_path, photo_dir, tiny_vae_pat
     assert "label" not in rows and list(rows["source"]) == ["chelsea.jpg", "rocket.png"]
     assert not info["conditional"] and info["class_names"] is None and info["num_classes"] == 0
     assert info["vae_subfolder"] == "vae" and rows["mean"].shape == (2, 1, 4, 16, 16)
-    with pytest.raises(ValueError, match="pipeline folder: pass it as --pretrained_model_name_or_path"):
+    with pytest.raises(UserError, match="pipeline folder: pass it as --pretrained_model_name_or_path"):
         run_precompute(["--train_data_dir", images, "--vae", pipeline, "--output_dir", tmp_path / "other"])
 
 
@@ -275,7 +278,7 @@ def test_dataset_without_label_column_is_unconditional(tmp_path, digits_dataset_
 
 
 def test_strict_makes_a_corrupt_image_an_error(tmp_path, photo_cache_args):
-    with pytest.raises(ValueError, match=r"Cannot read image cat/truncated\.jpg.*without --strict"):
+    with pytest.raises(UserError, match=r"Cannot read image cat/truncated\.jpg.*without --strict"):
         run_precompute(photo_cache_args + ["--strict", "--output_dir", tmp_path / "cache"])
 
 
@@ -291,7 +294,7 @@ def no_encoding(monkeypatch):
 
 
 def test_resolution_not_a_multiple_of_the_vae_factor(tmp_path, photo_dir, tiny_vae_path, no_encoding):
-    with pytest.raises(ValueError, match="--resolution 33 is not a multiple of the VAE's downsampling factor 2"):
+    with pytest.raises(UserError, match="--resolution 33 is not a multiple of the VAE's downsampling factor 2"):
         run_precompute(
             [
                 "--train_data_dir",
@@ -315,7 +318,7 @@ def test_resolution_not_a_multiple_of_the_vae_factor(tmp_path, photo_dir, tiny_v
     ],
 )
 def test_missing_columns_name_the_available_ones(tmp_path, digits_dataset_dir, no_encoding, extra, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(UserError, match=message):
         run_precompute(
             [
                 "--dataset_name",
@@ -334,7 +337,7 @@ def test_missing_columns_name_the_available_ones(tmp_path, digits_dataset_dir, n
 def test_missing_split_names_the_available_ones(tmp_path, digits_dataset_dir, no_encoding):
     splits = datasets.DatasetDict({"train": datasets.load_from_disk(str(digits_dataset_dir)).select(range(3))})
     splits.save_to_disk(str(tmp_path / "splits"))
-    with pytest.raises(ValueError, match=r"--split test is not in .*available splits: \['train'\]"):
+    with pytest.raises(UserError, match=r"--split test is not in .*available splits: \['train'\]"):
         run_precompute(
             [
                 "--dataset_name",
@@ -351,11 +354,11 @@ def test_missing_split_names_the_available_ones(tmp_path, digits_dataset_dir, no
 
 def test_empty_inputs(tmp_path, digits_dataset_dir, no_encoding):
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match="holds no images"):
+    with pytest.raises(UserError, match="holds no images"):
         run_precompute(["--train_data_dir", tmp_path / "empty", "--vae", "none", "--output_dir", tmp_path / "c"])
     (tmp_path / "none").mkdir()
     datasets.load_from_disk(str(digits_dataset_dir)).select([]).to_parquet(str(tmp_path / "none/train.parquet"))
-    with pytest.raises(ValueError, match="Could not load split 'train' of --dataset_name .*no data"):
+    with pytest.raises(UserError, match="Could not load split 'train' of --dataset_name .*no data"):
         run_precompute(
             [
                 "--dataset_name",
@@ -371,18 +374,18 @@ def test_empty_inputs(tmp_path, digits_dataset_dir, no_encoding):
     (tmp_path / "classes/a").mkdir(parents=True)
     (tmp_path / "classes/b").mkdir(parents=True)
     Image.new("RGB", (8, 8)).save(tmp_path / "classes/a/x.png")
-    with pytest.raises(ValueError, match="Class folder .*b has no images"):
+    with pytest.raises(UserError, match="Class folder .*b has no images"):
         run_precompute(["--train_data_dir", tmp_path / "classes", "--vae", "none", "--output_dir", tmp_path / "c"])
 
 
 def test_output_dir_with_other_settings_or_other_files(tmp_path, photo_cache, photo_cache_args, no_encoding):
     copy = tmp_path / "cache"
     shutil.copytree(photo_cache, copy)
-    with pytest.raises(ValueError, match=r"different settings \(resolution: 32 there, 64 now\).*another --output_dir"):
+    with pytest.raises(UserError, match=r"different settings \(resolution: 32 there, 64 now\).*another --output_dir"):
         run_precompute([*photo_cache_args, "--resolution", 64, "--output_dir", copy])
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes/todo.txt").write_text("mine")
-    with pytest.raises(ValueError, match="is not empty and holds no latent cache"):
+    with pytest.raises(UserError, match="is not empty and holds no latent cache"):
         run_precompute([*photo_cache_args, "--output_dir", tmp_path / "notes"])
 
 
@@ -399,5 +402,291 @@ def test_output_dir_with_other_settings_or_other_files(tmp_path, photo_cache, ph
     ],
 )
 def test_bad_flag_combinations(argv, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(UserError, match=message):
         precompute_latents.parse_args(argv)
+
+
+# The input is fingerprinted by content: a changed input is never taken for the cached one, nor mixed with it.
+
+
+def save_digits(digits_dataset_dir, rows, path, labels=None) -> None:
+    """Rows `rows` of the digits dataset saved to `path` (same count, same 8x8 size), with other labels if given."""
+    subset = datasets.load_from_disk(str(digits_dataset_dir)).select(rows)
+    if labels is not None:
+        subset = (
+            subset.remove_columns("label").add_column("label", labels).cast_column("label", subset.features["label"])
+        )
+    shutil.rmtree(path, ignore_errors=True)
+    subset.save_to_disk(str(path))
+
+
+def digit_pixels(rows) -> np.ndarray:
+    """The digits as the pixel cache stores them at 8x8: (N, 3, 8, 8) in [-1, 1]."""
+    from sklearn.datasets import load_digits
+
+    images = np.rint(load_digits().images[rows] * 255 / 16) / 127.5 - 1  # (N, 8, 8), as written to PNG
+    return np.repeat(images[:, None], 3, axis=1)
+
+
+def test_rerun_after_the_dataset_changed_is_refused_then_overwritten(tmp_path, digits_dataset_dir, monkeypatch):
+    data, out = tmp_path / "digits", tmp_path / "cache"
+    argv = ["--dataset_name", data, "--vae", "none", "--resolution", 8, "--output_dir", out]
+    save_digits(digits_dataset_dir, range(12), data)
+    run_precompute(argv)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    save_digits(digits_dataset_dir, range(12, 24), data)  # other images, same count and size: a new input
+    with pytest.raises(
+        UserError,
+        match=r"finished cache of a different input \(the images, names or labels changed "
+        r"in 1 of 1 shards .*train\[0\] \.\. train\[11\]\).*--overwrite_output_dir",
+    ):
+        run_precompute(argv)
+    labels = datasets.load_from_disk(str(digits_dataset_dir)).select(range(12))["label"]
+    save_digits(digits_dataset_dir, range(12), data, labels=labels[::-1])  # the same images, other labels
+    with pytest.raises(UserError, match="finished cache of a different input"):
+        run_precompute(argv)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # refused before writing anything
+
+    save_digits(digits_dataset_dir, range(12, 24), data)
+    run_precompute([*argv, "--overwrite_output_dir"])
+    rows, info = read_cache(out)
+    np.testing.assert_allclose(rows["mean"][:, 0], digit_pixels(range(12, 24)), atol=1e-6)
+    assert rows["label"].tolist() == datasets.load_from_disk(str(data))["label"]
+    assert info["num_inputs"] == 12 and len(info["shard_fingerprints"]) == 1
+
+    monkeypatch.setattr(precompute_latents, "to_model_input", lambda *a: pytest.fail("encoded an unchanged input"))
+    run_precompute([*argv, "--overwrite_output_dir"])  # the cache matches its input: kept, even with the flag
+
+
+def test_settings_change_needs_overwrite_and_never_touches_other_files(tmp_path, digits_dataset_dir):
+    out = tmp_path / "cache"
+    argv = ["--dataset_name", digits_dataset_dir, "--vae", "none", "--output_dir", out]
+    run_precompute([*argv, "--resolution", 8])
+    with pytest.raises(UserError, match=r"different settings \(resolution: 8 there, 16 now\).*--overwrite_output_dir"):
+        run_precompute([*argv, "--resolution", 16])
+    run_precompute([*argv, "--resolution", 16, "--overwrite_output_dir"])
+    rows, info = read_cache(out)
+    assert info["resolution"] == 16 and rows["mean"].shape == (NUM_DIGITS, 1, 3, 16, 16)
+    assert sorted(p.name for p in out.iterdir()) == [
+        CACHE_INFO_NAME,
+        "data-00000-of-00001.arrow",
+        "dataset_info.json",
+        "state.json",
+    ]
+
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes/todo.txt").write_text("mine")
+    with pytest.raises(UserError, match="is not empty and holds no latent cache"):
+        run_precompute([*argv, "--resolution", 8, "--output_dir", tmp_path / "notes", "--overwrite_output_dir"])
+    assert [p.name for p in (tmp_path / "notes").iterdir()] == ["todo.txt"]
+
+
+PHOTOS = {  # 40x40 crops of scikit-image's photos, written as BMP: a file's size depends only on the image size
+    "a/1.bmp": lambda d: d.astronaut()[100:140, 200:240],
+    "a/2.bmp": lambda d: d.coffee()[100:140, 200:240],
+    "a/3.bmp": lambda d: d.chelsea()[100:140, 200:240],
+    "b/4.bmp": lambda d: d.rocket()[100:140, 200:240],
+    "b/5.bmp": lambda d: np.repeat(d.camera()[100:140, 200:240, None], 3, axis=-1),
+    "b/6.bmp": lambda d: d.astronaut()[300:340, 100:140],
+}
+
+
+def write_photos(root) -> None:
+    from skimage import data
+
+    for name, crop in PHOTOS.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(crop(data)).save(root / name)
+
+
+def edit_in_place(path) -> None:
+    """Another photo into `path`, of the same size in bytes."""
+    from skimage import data
+
+    size = path.stat().st_size
+    Image.fromarray(data.coffee()[250:290, 400:440]).save(path)
+    assert path.stat().st_size == size
+
+
+def count_encoded(monkeypatch, crash_at: int | None = None) -> list:
+    """Count the batches encoded (one per shard here); raise KeyboardInterrupt at batch `crash_at`."""
+    calls, real = [], precompute_latents.to_model_input
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == crash_at:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(precompute_latents, "to_model_input", counted)
+    return calls
+
+
+def test_resume_after_images_were_edited_in_place_never_mixes_them(tmp_path, monkeypatch, capsys):
+    write_photos(tmp_path / "photos")
+    out = tmp_path / "cache"
+    argv = ["--train_data_dir", tmp_path / "photos", "--vae", "none", "--resolution", 8, "--shard_size", 2]
+    calls = count_encoded(monkeypatch, crash_at=3)
+    with pytest.raises(KeyboardInterrupt):
+        run_precompute([*argv, "--output_dir", out])  # shards 0 and 1 finished, killed in shard 2
+    edit_in_place(tmp_path / "photos/a/1.bmp")  # in shard 0
+
+    calls = count_encoded(monkeypatch)
+    run_precompute([*argv, "--output_dir", out])
+    assert len(calls) == 2  # shard 0 again (its image changed) and shard 2; shard 1 kept
+    assert "finished shards [0] changed since they were encoded" in capsys.readouterr().err
+    run_precompute([*argv, "--output_dir", tmp_path / "fresh"])
+    resumed, fresh = read_cache(out)[0], read_cache(tmp_path / "fresh")[0]
+    assert_same_rows(resumed, fresh)
+
+
+def test_images_changed_during_the_run_are_caught(tmp_path, monkeypatch):
+    write_photos(tmp_path / "photos")
+    out = tmp_path / "cache"
+    argv = ["--train_data_dir", tmp_path / "photos", "--vae", "none", "--resolution", 8, "--shard_size", 2]
+    real = precompute_latents.encode_shard
+
+    def edit_before_shard_1(source, start, *args):
+        if start == 2:
+            edit_in_place(tmp_path / "photos/a/3.bmp")  # after the fingerprint was taken
+        return real(source, start, *args)
+
+    monkeypatch.setattr(precompute_latents, "encode_shard", edit_before_shard_1)
+    with pytest.raises(UserError, match=r"Images among a/3\.bmp \.\. b/4\.bmp changed while they were being encoded"):
+        run_precompute([*argv, "--output_dir", out])
+    assert not (out / CACHE_INFO_NAME).exists()
+
+    monkeypatch.setattr(precompute_latents, "encode_shard", real)
+    calls = count_encoded(monkeypatch)
+    run_precompute([*argv, "--output_dir", out])
+    assert len(calls) == 0  # shard 1 was encoded from the edited bytes and recorded with their fingerprint
+    run_precompute([*argv, "--output_dir", tmp_path / "fresh"])
+    assert_same_rows(read_cache(out)[0], read_cache(tmp_path / "fresh")[0])
+
+
+def test_a_class_with_no_readable_image_is_refused(tmp_path, digits_dataset_dir):
+    write_photos(tmp_path / "photos")
+    for name in ("b/4.bmp", "b/5.bmp", "b/6.bmp"):
+        (tmp_path / "photos" / name).write_bytes(b"not an image")
+    out = tmp_path / "cache"
+    argv = ["--train_data_dir", tmp_path / "photos", "--vae", "none", "--resolution", 8, "--output_dir", out]
+    with pytest.raises(
+        UserError,
+        match=r"Class 'b' has no readable image \(e\.g\. b/4\.bmp: UnidentifiedImageError"
+        r".*remove its folder",
+    ):
+        run_precompute(argv)
+    assert not (out / CACHE_INFO_NAME).exists() and (out / "shards").is_dir()
+    shutil.rmtree(tmp_path / "photos/b")
+    run_precompute(argv)
+    rows, info = read_cache(out)
+    assert info["class_names"] == ["a"] and rows["label"].tolist() == [0, 0, 0]
+
+    shutil.rmtree(tmp_path / "photos/a")
+    (tmp_path / "photos/c").mkdir()
+    (tmp_path / "photos/c/x.png").write_bytes(b"not an image either")
+    with pytest.raises(UserError, match=r"None of the 1 input images could be read, e\.g\. c/x\.png"):
+        run_precompute([*argv[:-1], tmp_path / "other"])
+
+    # A ClassLabel's classes without any row are not unreadable: they keep their index (fine-tuning on a subset).
+    save_digits(digits_dataset_dir, [0, 1, 2, 10, 11, 12], tmp_path / "three")
+    run_precompute(
+        ["--dataset_name", tmp_path / "three", "--vae", "none", "--resolution", 8, "--output_dir", tmp_path / "subset"]
+    )
+    rows, info = read_cache(tmp_path / "subset")
+    assert info["num_classes"] == 10 and sorted(set(rows["label"].tolist())) == [0, 1, 2]
+
+
+def test_a_folder_of_every_image_mode_is_encoded_faithfully(tmp_path):
+    """Each mode's file, through the script in pixel space, against the 8-bit original's preprocessing."""
+    from skimage import data
+
+    camera, coffee = data.camera(), data.coffee()
+    folder = tmp_path / "modes"
+    folder.mkdir()
+    files = {
+        "I16.png": (Image.fromarray(camera.astype(np.uint16) * 257), camera),
+        "int32.tif": (Image.fromarray(camera.astype(np.int32) * 1000), camera),
+        "int16.tif": (Image.fromarray(camera.astype(np.int16) - 1024), camera),
+        "float.tif": (Image.fromarray(camera.astype(np.float32) / 255), camera),
+        "float_any.tif": (Image.fromarray(camera.astype(np.float32) * 3.5 - 400), camera),
+        "onebit.png": (Image.fromarray(camera > 128), np.where(camera > 128, 255, 0).astype(np.uint8)),
+        "palette.png": (Image.fromarray(coffee).quantize(64), coffee),
+        "cmyk.jpg": (Image.fromarray(coffee).convert("CMYK"), coffee),
+        "cmyk.tif": (Image.fromarray(coffee).convert("CMYK"), coffee),
+        "grey_alpha.png": (Image.fromarray(camera).convert("LA"), camera),
+    }
+    for name, (image, _) in files.items():
+        image.save(folder / name)
+    run_precompute(["--train_data_dir", folder, "--vae", "none", "--resolution", 32, "--output_dir", tmp_path / "c"])
+    rows, info = read_cache(tmp_path / "c")
+    assert info["num_skipped"] == 0 and sorted(rows["source"]) == sorted(files)
+    for name, (_, original) in files.items():
+        expected = preprocess_image(Image.fromarray(original), 32).astype(np.float64) / 127.5 - 1  # (32, 32, 3)
+        got = rows["mean"][list(rows["source"]).index(name), 0].transpose(1, 2, 0)  # (32, 32, 3)
+        assert np.corrcoef(got.ravel(), expected.ravel())[0, 1] > 0.99, name
+        assert np.abs(got - expected).mean() < 0.03, name  # right brightness too, not only the right shape
+
+
+# Every user mistake: exit code 2, one line `error: ...`, no traceback, nothing written.
+
+
+def run_cli(argv, capsys) -> tuple[int, str]:
+    """The script's `__main__` path in-process: its exit code and stderr."""
+    code = run_script(lambda: run_precompute(argv))
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("no_output_dir", r"the following arguments are required: --output_dir \(see --help\)"),
+        ("bad_int", r"argument --resolution: invalid int value: 'abc'"),
+        ("bad_choice", r"argument --mixed_precision: invalid choice: 'fp8'"),
+        ("negative_workers", r"--dataloader_num_workers must be 0 or more, got -1"),
+        ("missing_folder", r"--train_data_dir .*nowhere is not a directory"),
+        ("missing_dataset", r"Could not load split 'train' of --dataset_name .*nowhere"),
+        ("missing_vae", r"Could not load the VAE .*no_vae.*--vae none for pixels"),
+        ("output_is_a_file", r"--output_dir .*file\.txt: .*file\.txt is a file, not a directory"),
+        ("output_under_a_file", r"--output_dir .*file\.txt/cache: .*file\.txt is a file, not a directory"),
+        ("no_images", r"--train_data_dir .*empty holds no images"),
+    ],
+)
+def test_user_errors_exit_2_with_one_line(tmp_path, capsys, photo_dir, case, message):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "file.txt").write_text("mine")
+    photos = ["--train_data_dir", photo_dir, "--vae", "none", "--resolution", 8]
+    out = ["--output_dir", tmp_path / "cache"]
+    argv = {
+        "no_output_dir": photos,
+        "bad_int": [*photos, "--resolution", "abc", *out],
+        "bad_choice": [*photos, "--mixed_precision", "fp8", *out],
+        "negative_workers": [*photos, "--dataloader_num_workers", -1, *out],
+        "missing_folder": ["--train_data_dir", tmp_path / "nowhere", *out],
+        "missing_dataset": ["--dataset_name", tmp_path / "nowhere", "--cache_dir", tmp_path / "hf", *out],
+        "missing_vae": ["--train_data_dir", photo_dir, "--vae", tmp_path / "no_vae", *out],
+        "output_is_a_file": [*photos, "--output_dir", tmp_path / "file.txt"],
+        "output_under_a_file": [*photos, "--output_dir", tmp_path / "file.txt/cache"],
+        "no_images": ["--train_data_dir", tmp_path / "empty", "--vae", "none", *out],
+    }[case]
+    code, err = run_cli(argv, capsys)
+    *logged, last = err.splitlines()
+    assert code == 2 and last.startswith("error: ") and re.search(message, last), err
+    assert all(re.match(r"\d{4}-\d\d-\d\d .* - (INFO|WARNING) - ", line) for line in logged), err  # no traceback
+    assert not (tmp_path / "cache").exists() and (tmp_path / "file.txt").read_text() == "mine"
+
+
+def test_the_script_exits_2_without_a_traceback(tmp_path, photo_dir):
+    """The real command line: `python precompute_latents.py` with a bad path."""
+    script = str(REPO_ROOT / "precompute_latents.py")
+    result = subprocess.run(
+        [sys.executable, script, "--train_data_dir", str(tmp_path / "nowhere"), "--output_dir", str(tmp_path / "c")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.splitlines()[-1] == f"error: --train_data_dir {tmp_path / 'nowhere'} is not a directory."
+    assert not (tmp_path / "c").exists()
