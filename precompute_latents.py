@@ -25,12 +25,10 @@ bytes are read, not decoded). Running the same command again:
   never mixes old and new images;
 - with other settings (resolution, VAE, ...) stops, unless --overwrite_output_dir is given.
 
-Images of any mode become 8-bit RGB (rules in dp_utils/images.py): 16-bit greyscale is scaled by its type's range,
-32-bit integer and float images by a standard range that holds them, else by their own min..max; transparency is
-composited on white, palettes, 1-bit and CMYK are converted, and the EXIF orientation is applied. They are then
-resized and centre-cropped as DiT/ADM do (`center_crop_arr`). Unreadable images are skipped with a warning and listed
-in cache_info.json (--strict: an error); a class whose images are all unreadable is an error that names it, so the
-cache's classes are exactly the classes of its rows.
+Images of any mode become 8-bit RGB by the rules of dp_utils/images.py (16-bit by the type's range, 32-bit and float
+by a standard range that holds them or their own, transparency on white, EXIF orientation applied), then are resized
+and centre-cropped as DiT/ADM do. Unreadable images are skipped with a warning and listed in cache_info.json
+(--strict: an error); a class whose images are all unreadable stops the run, naming it, so the classes match the rows.
 
 Mistakes in the flags or inputs stop the script before anything is written, with `error: <what and how to fix it>`
 and exit code 2.
@@ -108,15 +106,40 @@ class ImageRows(torch.utils.data.Dataset):
         return self.end - self.start
 
     def __getitem__(self, k: int) -> tuple:
-        i = self.start + k
+        i, data = self.start + k, None
         try:
             data = self.source.read_bytes(i)
-        except OSError as error:
-            return i, None, f"{type(error).__name__}: {error}", content_digest(error)
-        try:
-            return i, torch.from_numpy(preprocess_image(load_image(data), self.resolution)), None, content_digest(data)
-        except Exception as error:  # any failure to decode means the file is unusable; reported, not hidden
-            return i, None, f"{type(error).__name__}: {error}", content_digest(data)
+            pixels = torch.from_numpy(preprocess_image(load_image(data), self.resolution))
+        except Exception as error:  # any failure to read or decode makes the file unusable; reported, not hidden
+            return i, None, f"{type(error).__name__}: {error}", content_digest(error if data is None else data)
+        return i, pixels, None, content_digest(data)
+
+
+def read_input(args: argparse.Namespace) -> ImageSource:
+    """The image folder or dataset to encode, with its labels; say what was found."""
+    unconditional = args.label_column is not None and args.label_column.lower() == "none"
+    if args.train_data_dir is not None:
+        source = read_image_folder(args.train_data_dir, unconditional)
+    else:
+        source = read_dataset(
+            args.dataset_name,
+            args.split,
+            args.image_column,
+            args.label_column,
+            args.dataset_config_name,
+            args.data_dir,
+            args.cache_dir,
+        )
+    if source.class_names is None:
+        no_label = args.dataset_name is not None and args.label_column is None
+        (logger.warning if no_label else logger.info)(
+            f"{len(source.ids)} images, no labels: making an unconditional cache"
+            + (" (the dataset has no 'label' column; pass --label_column <name> for labels)." if no_label else ".")
+        )
+    else:
+        names = ", ".join(source.class_names[:10]) + (", ..." if len(source.class_names) > 10 else "")
+        logger.info(f"{len(source.ids)} images in {len(source.class_names)} classes: {names}.")
+    return source
 
 
 def load_vae_config(args: argparse.Namespace) -> tuple[dict | None, dict]:
@@ -359,28 +382,7 @@ def main(args: argparse.Namespace) -> None:
     output_dir = Path(args.output_dir).absolute()
     shards_dir = output_dir / SHARDS_DIR
     found, finished = read_output_dir(output_dir)
-    unconditional = args.label_column is not None and args.label_column.lower() == "none"
-    if args.train_data_dir is not None:
-        source = read_image_folder(args.train_data_dir, unconditional)
-    else:
-        source = read_dataset(
-            args.dataset_name,
-            args.split,
-            args.image_column,
-            args.label_column,
-            args.dataset_config_name,
-            args.data_dir,
-            args.cache_dir,
-        )
-    if source.class_names is None:
-        no_label = args.dataset_name is not None and args.label_column is None
-        (logger.warning if no_label else logger.info)(
-            f"{len(source.ids)} images, no labels: making an unconditional cache"
-            + (" (the dataset has no 'label' column; pass --label_column <name> for labels)." if no_label else ".")
-        )
-    else:
-        names = ", ".join(source.class_names[:10]) + (", ..." if len(source.class_names) > 10 else "")
-        logger.info(f"{len(source.ids)} images in {len(source.class_names)} classes: {names}.")
+    source = read_input(args)
     vae_config, vae_kwargs = load_vae_config(args)
     pixel_space = vae_config is None
     factor = 1 if pixel_space else 2 ** (len(vae_config["block_out_channels"]) - 1)

@@ -114,9 +114,9 @@ def read_value(value: str | os.PathLike | dict | None) -> bytes:
     return Path(value).read_bytes()
 
 
-def content_digest(data: bytes | OSError) -> str:
+def content_digest(data: bytes | Exception) -> str:
     """SHA-256 of an image's bytes; for a file that cannot be read, the kind of error (so a fix changes it)."""
-    if isinstance(data, OSError):
+    if isinstance(data, Exception):
         return f"unreadable: {type(data).__name__}"
     return hashlib.sha256(data).hexdigest()
 

@@ -64,6 +64,7 @@ def test_help_explains_every_flag(capsys):
         "--cache_dir",
         "--shard_size",
         "--strict",
+        "--overwrite_output_dir",
     ]:
         assert flag in text
 
