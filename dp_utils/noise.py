@@ -118,6 +118,7 @@ def add_noise_foreach_(
             torch._foreach_add_(
                 chunk, [z.view(t.shape) for z, t in zip(flat.split(sizes), chunk, strict=True)], alpha=std
             )
+            del flat  # freed before the next chunk's draw: one chunk of scratch at a time
 
 
 def add_secure_noise_(
