@@ -161,6 +161,8 @@ def settings_diff(found: dict, settings: dict) -> str:
 
 def describe_change(found: dict, source: ImageSource, bounds: list[tuple], fingerprints: list[str]) -> str:
     """What differs between the input of a finished cache (its info) and this input."""
+    if "input_fingerprint" not in found:
+        return "the cache was made before caches recorded their input's content, so it cannot be checked"
     if found.get("num_inputs") != len(source.ids):
         return f"{found.get('num_inputs')} images there, {len(source.ids)} now"
     old = found.get("shard_fingerprints") or []

@@ -459,6 +459,13 @@ def test_rerun_after_the_dataset_changed_is_refused_then_overwritten(tmp_path, d
     monkeypatch.setattr(precompute_latents, "to_model_input", lambda *a: pytest.fail("encoded an unchanged input"))
     run_precompute([*argv, "--overwrite_output_dir"])  # the cache matches its input: kept, even with the flag
 
+    info = json.loads((out / CACHE_INFO_NAME).read_text())
+    for key in ("num_inputs", "input_fingerprint", "shard_fingerprints"):
+        del info[key]
+    (out / CACHE_INFO_NAME).write_text(json.dumps(info))  # as written before caches recorded their content
+    with pytest.raises(UserError, match="made before caches recorded their input's content.*--overwrite_output_dir"):
+        run_precompute(argv)
+
 
 def test_settings_change_needs_overwrite_and_never_touches_other_files(tmp_path, digits_dataset_dir):
     out = tmp_path / "cache"
