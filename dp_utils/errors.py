@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
 import sys
+import time
 from collections.abc import Callable
 
 
@@ -19,5 +22,18 @@ def run_script(main: Callable[[], object]) -> int:
         main()
     except UserError as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
+        _tell_elastic_launcher(f"error: {error}")
         return 2
     return 0
+
+
+def _tell_elastic_launcher(message: str) -> None:
+    """Under torchrun (`accelerate launch --multi_gpu`), put the message in the launcher's closing failure summary.
+
+    torchelastic gives each worker an error file (TORCHELASTIC_ERROR_FILE); a JSON `message` string there is what
+    its summary shows as the failed rank's "traceback", instead of a link to its docs.
+    """
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path:
+        with open(path, "w") as file:
+            json.dump({"message": message, "timestamp": str(int(time.time()))}, file)
