@@ -1,0 +1,103 @@
+"""Checkpoints that are complete or absent: saved to a temporary folder, renamed to checkpoint-<step> when done.
+
+A save killed midway leaves only a temporary folder, which `--resume_from_checkpoint latest` never picks; the
+oldest checkpoints are deleted (`--checkpoints_total_limit`) only after the new one is complete.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import shutil
+from pathlib import Path
+
+from accelerate import Accelerator
+
+from .errors import UserError
+
+CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)")
+TEMPORARY_PREFIX = ".incomplete-checkpoint-"
+
+
+class TrainState:
+    """Step and privacy ledger, checkpointed with the model so a resumed run never resets the budget."""
+
+    def __init__(self, privacy: dict):
+        self.step = 0
+        self.privacy = privacy  # noise multiplier, sample rate, delta, planned steps: must match on resume
+        self.accountant_history: list = []
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "privacy": self.privacy, "accountant_history": self.accountant_history}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("noise_multiplier", "sample_rate", "dataset_size", "max_grad_norm", "noise_multiplicity"):
+            if not math.isclose(state["privacy"][key], self.privacy[key], rel_tol=1e-9):
+                raise UserError(
+                    f"The checkpoint was trained with {key}={state['privacy'][key]}, this run has "
+                    f"{self.privacy[key]}: resuming would break the privacy accounting. Resume with the same "
+                    "dataset and DP flags (--target_epsilon, --noise_multiplier, --logical_batch_size, ...)."
+                )
+        self.step, self.accountant_history = state["step"], state["accountant_history"]
+
+
+def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """The complete checkpoints in `output_dir`, oldest step first; temporary and foreign folders are skipped."""
+    out = Path(output_dir)
+    if not out.is_dir():
+        return []
+    steps = {}
+    for path in out.iterdir():
+        match = CHECKPOINT_NAME.fullmatch(path.name)
+        if match and path.is_dir():
+            steps[int(match.group(1))] = path
+    return [steps[step] for step in sorted(steps)]
+
+
+def resolve_checkpoint(resume_from_checkpoint: str, output_dir: str | os.PathLike) -> Path:
+    """The folder `--resume_from_checkpoint` names: 'latest' is the newest complete checkpoint in `output_dir`."""
+    if resume_from_checkpoint == "latest":
+        found = list_checkpoints(output_dir)
+        if not found:
+            raise UserError(
+                f"--resume_from_checkpoint latest: no complete checkpoint-<step> folder in {output_dir}. "
+                "Drop --resume_from_checkpoint to start a new run, or give the checkpoint folder."
+            )
+        return found[-1]
+    path = Path(resume_from_checkpoint)
+    if not path.is_dir() and (Path(output_dir) / path).is_dir():
+        path = Path(output_dir) / path  # `checkpoint-500`, as diffusers' scripts accept it
+    if not path.is_dir():
+        raise UserError(
+            f"--resume_from_checkpoint {resume_from_checkpoint}: no such checkpoint folder. "
+            f"Give a checkpoint-<step> folder or 'latest' (the newest in {output_dir})."
+        )
+    return path
+
+
+def save_checkpoint(
+    accelerator: Accelerator, output_dir: str | os.PathLike, step: int, total_limit: int | None
+) -> Path:
+    """`accelerator.save_state` to output_dir/checkpoint-{step}, atomically; then keep at most `total_limit`."""
+    out = Path(output_dir)
+    final, temporary = out / f"checkpoint-{step}", out / f"{TEMPORARY_PREFIX}{step}"
+    if accelerator.is_main_process:
+        for stale in out.glob(f"{TEMPORARY_PREFIX}*"):  # left by a save that was killed
+            shutil.rmtree(stale)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(temporary))  # every rank writes its RNG state into the same folder
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if final.exists():  # the same step saved by an earlier attempt (a resumed run): replaced only now
+            replaced = out / f"{TEMPORARY_PREFIX}{step}-replaced"
+            final.rename(replaced)
+            temporary.rename(final)
+            shutil.rmtree(replaced)
+        else:
+            temporary.rename(final)
+        if total_limit:
+            for old in list_checkpoints(out)[:-total_limit]:
+                shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
