@@ -12,6 +12,7 @@ from conftest import REPO_ROOT
 from diffusers import DDPMScheduler, DiTPipeline, DiTTransformer2DModel, DPMSolverMultistepScheduler
 
 import train_dp_dit
+from dp_utils.errors import UserError
 from dp_utils.generation import generate
 
 TINY = dict(num_attention_heads=2, attention_head_dim=8, num_layers=2, patch_size=2, num_embeds_ada_norm=1000)
@@ -207,7 +208,7 @@ def run_in_process(*args):
 
 def test_bad_inputs_fail_before_training(tmp_path, pixel_pipeline, latent_pipeline, digits_cache):
     out = tmp_path / "out"
-    with pytest.raises(FileNotFoundError, match="No finished latent cache.*precompute_latents.py"):
+    with pytest.raises(UserError, match="No finished latent cache.*precompute_latents.py"):
         run_in_process(*pixel_args(pixel_pipeline, tmp_path / "nowhere", out, "--noise_multiplier", 1))
     with pytest.raises(ValueError, match="3-channel pixels.*in_channels=4"):
         run_in_process(
