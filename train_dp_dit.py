@@ -168,30 +168,22 @@ def main(args):
     # make_private derives Opacus' sample rate (1 / steps per epoch) and expected batch from this loader;
     # the batches themselves come from PoissonBatchSampler below, which can resume at any step. The returned
     # model is what trains (Opacus' modes wrap it); `transformer` stays the DiT that is sampled and saved.
-    try:
-        model, optimizer, criterion, _ = dp_utils.make_private(
-            module=transformer,
-            optimizer=optimizer,
-            data_loader=DataLoader(dataset, batch_size=args.logical_batch_size),
-            criterion=per_draw_mse,
-            max_grad_norm=args.max_grad_norm,
-            noise_multiplier=args.noise_multiplier,
-            target_epsilon=args.target_epsilon,
-            target_delta=delta if args.target_epsilon is not None else None,
-            steps=max_train_steps if args.target_epsilon is not None else None,
-            grad_sample_mode=args.grad_sample_mode,
-            poisson_sampling=False,
-            noise_multiplicity=args.noise_multiplicity,
-            distributed=world > 1,
-            accountant=args.accountant,
-        )
-    except ValueError as error:
-        if args.target_epsilon is None or isinstance(error, UserError | dp_utils.UnsupportedModuleError):
-            raise
-        raise UserError(
-            f"No noise reaches --target_epsilon {args.target_epsilon} at delta {delta:.3g} over {max_train_steps} "
-            f"steps at q = {sample_rate:.4g} ({error}). Raise --target_epsilon, or train fewer steps."
-        ) from error
+    model, optimizer, criterion, _ = dp_utils.make_private(
+        module=transformer,
+        optimizer=optimizer,
+        data_loader=DataLoader(dataset, batch_size=args.logical_batch_size),
+        criterion=per_draw_mse,
+        max_grad_norm=args.max_grad_norm,
+        noise_multiplier=args.noise_multiplier,
+        target_epsilon=args.target_epsilon,
+        target_delta=delta if args.target_epsilon is not None else None,
+        steps=max_train_steps if args.target_epsilon is not None else None,
+        grad_sample_mode=args.grad_sample_mode,
+        poisson_sampling=False,
+        noise_multiplicity=args.noise_multiplicity,
+        distributed=world > 1,
+        accountant=args.accountant,
+    )
     privacy_engine = optimizer.privacy_engine
 
     def spent_epsilon() -> float:  # sigma = 0 is the non-private baseline: no guarantee at all
@@ -270,7 +262,7 @@ def main(args):
                 batch_loss = loss.detach().sum().item() * k
                 check_loss(batch_loss, state.step, args.learning_rate)  # nothing clipped, noised or accounted yet
                 loss.backward()
-                loss_sum, rows = loss_sum + batch_loss, rows + len(loss)
+                loss_sum, rows = loss_sum + batch_loss, rows + len(piece) * k
                 if fold_pieces and start + args.max_physical_batch_size < len(indices):
                     optimizer.signal_skip_step(do_skip=True)  # clip and sum this piece into summed_grad
                     optimizer.step()

@@ -18,14 +18,17 @@ from dp_utils.generation import generate
 TINY = dict(num_attention_heads=2, attention_head_dim=8, num_layers=2, patch_size=2, num_embeds_ada_norm=1000)
 
 
-@pytest.fixture(scope="session")
-def pixel_pipeline(tmp_path_factory):
+def save_pixel_pipeline(path):
     """A DiT 'checkpoint' for 8x8 RGB pixels with ImageNet's 1000 classes, laid out like a Hub pipeline."""
     torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("pixel_pipeline")
     DiTTransformer2DModel(in_channels=3, out_channels=6, sample_size=8, **TINY).save_pretrained(path / "transformer")
     DDPMScheduler(num_train_timesteps=1000).save_pretrained(path / "scheduler")
     return path
+
+
+@pytest.fixture(scope="session")
+def pixel_pipeline(tmp_path_factory):
+    return save_pixel_pipeline(tmp_path_factory.mktemp("pixel_pipeline"))
 
 
 @pytest.fixture(scope="session")
