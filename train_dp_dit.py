@@ -4,6 +4,9 @@
     accelerate launch train_dp_dit.py --pretrained_model_name_or_path facebook/DiT-XL-2-256 \\
         --train_data_dir cache/ --output_dir dp-dit-out --target_epsilon 8 --logical_batch_size 256
 
+A bad flag, path or dataset is refused before any compute with one `error: ...` line and exit code 2 (add `-q` to
+`accelerate launch` so that line ends the output; with several processes torchrun's summary repeats it).
+
 Every step draws a Poisson batch (each image independently, rate q), clips each image's gradient to
 --max_grad_norm (exactly, nothing frozen: dp_utils' engine), adds Gaussian noise once, and an Opacus accountant
 tracks (epsilon, delta). The unit of privacy is one training image (one row of the cache, its flip included).

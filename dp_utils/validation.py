@@ -14,6 +14,8 @@ import re
 import tempfile
 from pathlib import Path
 
+import accelerate.utils
+
 from .checkpoints import list_checkpoints
 from .errors import UserError
 from .model import PRESETS
@@ -110,6 +112,17 @@ def check_flags(args: argparse.Namespace) -> None:
         "--mixed_precision fp16 is not supported: fp16 needs loss scaling, and a scaled loss scales every "
         "per-example gradient norm against --max_grad_norm. Use --mixed_precision bf16 (or no).",
     )
+    trackers = [t.value for t in accelerate.utils.LoggerType if t.value != "all"]
+    _need(
+        args.report_to in ("all", "none", *trackers),
+        f"--report_to {args.report_to}: not a tracker accelerate knows; use none, all or {', '.join(trackers)}.",
+    )
+    if args.report_to in trackers:
+        _need(
+            getattr(accelerate.utils, f"is_{args.report_to}_available")(),
+            f"--report_to {args.report_to}: the {args.report_to} package is not installed; install it, or pass "
+            "--report_to none.",
+        )
     _need(
         not (args.overwrite_output_dir and args.resume_from_checkpoint),
         "--overwrite_output_dir deletes the checkpoints --resume_from_checkpoint would continue: give only one.",

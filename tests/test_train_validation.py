@@ -6,6 +6,7 @@ import socket
 import subprocess
 import sys
 
+import accelerate.utils
 import pytest
 from conftest import REPO_ROOT
 from test_train_dp_dit import pixel_args, run_in_process, save_pixel_pipeline
@@ -53,6 +54,7 @@ BAD_FLAGS = [
         ["--noise_multiplier", "1", "--grad_sample_mode", "opacus_hooks", "--gradient_checkpointing"],
         "--gradient_checkpointing needs --grad_sample_mode flash_bk or flash",
     ),
+    (["--noise_multiplier", "1", "--report_to", "tensorbord"], "--report_to tensorbord: not a tracker"),
     (
         ["--noise_multiplier", "1", "--overwrite_output_dir", "--resume_from_checkpoint", "latest"],
         "give only one",
@@ -71,6 +73,12 @@ def test_fp16_from_the_accelerate_config_is_refused(monkeypatch):
     with pytest.raises(UserError, match="fp16 is not supported"):
         train_dp_dit.parse_args(BASE + ["--noise_multiplier", "1"])
     train_dp_dit.parse_args(BASE + ["--noise_multiplier", "1", "--mixed_precision", "bf16"])  # the flag wins
+
+
+def test_a_tracker_that_is_not_installed_is_refused(monkeypatch):
+    monkeypatch.setattr(accelerate.utils, "is_wandb_available", lambda: False)
+    with pytest.raises(UserError, match="--report_to wandb: the wandb package is not installed"):
+        train_dp_dit.parse_args(BASE + ["--noise_multiplier", "1", "--report_to", "wandb"])
 
 
 def test_bad_paths_and_data_are_refused_before_anything_is_written(tmp_path, pixel_pipeline, digits_cache):
