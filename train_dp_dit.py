@@ -90,19 +90,13 @@ def load_model(args, info: dict) -> tuple[DiTTransformer2DModel, DDPMScheduler, 
 
 def open_data_and_model(args):
     """The DiT with its label table fitted to the cache's classes, and the cache as a dataset, validated together."""
-    try:
-        info = load_latent_cache(args.train_data_dir)[1]
-    except (FileNotFoundError, ValueError) as error:
-        raise UserError(str(error)) from error
+    info = load_latent_cache(args.train_data_dir)[1]  # a missing or stale cache is a UserError there
     model, scheduler, vae = load_model(args, info)
     if info["conditional"] and model.config.num_embeds_ada_norm != info["num_classes"]:
         logger.info(f"Resizing the label table to the dataset's {info['num_classes']} classes plus the null class.")
         resize_label_table(model, info["num_classes"])
     null_label = model.config.num_embeds_ada_norm
-    try:
-        dataset = LatentDataset(args.train_data_dir, model.config, null_label=null_label, random_flip=not args.no_flip)
-    except ValueError as error:
-        raise UserError(str(error)) from error
+    dataset = LatentDataset(args.train_data_dir, model.config, null_label=null_label, random_flip=not args.no_flip)
     return model, scheduler, vae, dataset, null_label
 
 
