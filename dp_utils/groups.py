@@ -8,10 +8,7 @@ from __future__ import annotations
 
 import torch
 
-
-def upcast(x: torch.Tensor) -> torch.Tensor:
-    """Norms accumulate in at least fp32, also under bf16/fp16 autocast."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
+from .precision import matmul
 
 
 class RowGroups:
@@ -52,6 +49,11 @@ class RowGroups:
     def is_identity(self) -> bool:
         return self._contiguous == 1
 
+    @property
+    def max_rows(self) -> int:
+        """Rows of the largest example."""
+        return self._contiguous if self._contiguous is not None else self._max_rows
+
     def tokens(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, ...) -> (E, K*T, ...): an example's rows laid end to end along the token axis.
 
@@ -65,8 +67,9 @@ class RowGroups:
         padded[idx] = x
         return padded.reshape(self.num_examples, self._max_rows * x.shape[1], *x.shape[2:])
 
-    def gram(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, T, d) -> (E, K*T, K*T): Gram matrices of each example's tokens, in at least fp32.
+    def gram(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """(B, T, d) -> (E, K*T, K*T): Gram matrices of each example's tokens, in at least fp32, from operands in x's
+        dtype; and the relative rounding error of their entries (`precision.matmul`).
 
         The last one is kept (one backward, one RowGroups): attention's q, k and v projections read the same input
         and their output gradients arrive one after another, so they share one Gram. The key is the memory and
@@ -74,8 +77,8 @@ class RowGroups:
         """
         key = (x.data_ptr(), x.shape, x.stride(), x.dtype)
         if self._last_gram is None or self._last_gram[0] != key:
-            tokens = upcast(self.tokens(x))
-            self._last_gram = (key, x, tokens @ tokens.mT)
+            tokens = self.tokens(x)
+            self._last_gram = (key, x, matmul(tokens, tokens.mT))
         return self._last_gram[2]
 
     def sum_rows(self, x: torch.Tensor) -> torch.Tensor:

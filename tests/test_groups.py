@@ -16,7 +16,8 @@ def explicit_grams(x: torch.Tensor, rows_of_example: list[list[int]]) -> torch.T
 
 def test_gram_of_consecutive_rows_equals_the_explicit_one():
     x = torch.randn(6, 5, 3)
-    grams = RowGroups(None, 6, multiplicity=2).gram(x)
+    grams, error = RowGroups(None, 6, multiplicity=2).gram(x)
+    assert error == 0  # fp32 operands: exact to fp32
     for gram, expected in zip(grams, explicit_grams(x, [[0, 1], [2, 3], [4, 5]]), strict=True):
         torch.testing.assert_close(gram, expected)
 
@@ -24,7 +25,7 @@ def test_gram_of_consecutive_rows_equals_the_explicit_one():
 def test_gram_of_unequal_groups_pads_with_zeros():
     x = torch.randn(5, 4, 3)
     groups = RowGroups(torch.tensor([7, 3, 7, 7, 9]), 5)  # examples (sorted ids): 3 -> [1], 7 -> [0, 2, 3], 9 -> [4]
-    grams = groups.gram(x)
+    grams, _ = groups.gram(x)
     assert grams.shape == (3, 12, 12)
     for gram, expected in zip(grams, explicit_grams(x, [[1], [0, 2, 3], [4]]), strict=True):
         n = expected.shape[0]
@@ -38,9 +39,17 @@ def test_gram_is_shared_by_readers_of_one_tensor_and_never_stale():
     first = groups.gram(x)
     assert groups.gram(x.reshape(4, -1, 16)) is first  # q, k and v see views of one input
     y = torch.randn(4, 8, 16)  # same shape, other values
-    torch.testing.assert_close(groups.gram(y), y @ y.mT)
-    torch.testing.assert_close(groups.gram(x[:, :4]), x[:, :4] @ x[:, :4].mT)  # same address, other layout
-    assert groups.gram(torch.randn(4, 8, 16, dtype=torch.bfloat16)).dtype == torch.float32
+    torch.testing.assert_close(groups.gram(y)[0], y @ y.mT)
+    torch.testing.assert_close(groups.gram(x[:, :4])[0], x[:, :4] @ x[:, :4].mT)  # same address, other layout
+
+
+def test_gram_of_bf16_tokens_has_bf16_operands_and_states_its_rounding():
+    x = torch.randn(4, 8, 16, dtype=torch.bfloat16)
+    gram, error = RowGroups(None, 4).gram(x)
+    assert gram.dtype == torch.float32
+    exact = x.double() @ x.double().mT  # the product of the stored bf16 values
+    assert error == 2**-8
+    assert ((gram.double() - exact).abs() <= error * gram.double().abs() / (1 - error)).all()
 
 
 def test_expand_and_sum_rows_follow_the_groups():

@@ -1,8 +1,9 @@
 """Per-layer rules of the clipping engine: one table, layer type -> (norm rule, summed-gradient rule).
 
 Each rule sees every call of a module in one forward as a (layer input, gradient of layer output) pair:
-- norm_sq(module, calls, groups) -> (E,) squared norms (at least fp32; 0 when nothing is trainable) of each
-  example's gradient of the module's trainable parameters, summed over calls and over the example's rows;
+- norm(module, calls, groups) -> NormTerms: (E,) squared norms (at least fp32) of each example's gradient of the
+  module's trainable parameters, summed over calls and over the example's rows, with bounds on their rounding
+  errors (`dp_utils.precision`);
 - summed_grads(module, calls) -> {param name: the gradient summed over rows and calls}; the engine has already
   multiplied each row's output gradient by that row's clip factor, so this is sum_b c_b g_b.
 """
@@ -14,23 +15,24 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .conv2d import conv2d_norm_sq, conv2d_summed_grads, conv2d_unsupported
-from .embedding import embedding_norm_sq, embedding_summed_grads, embedding_unsupported
-from .linear import linear_norm_sq, linear_summed_grads
-from .norm import affine_norm_sq, affine_summed_grads
+from .conv2d import conv2d_norm, conv2d_summed_grads, conv2d_unsupported
+from .embedding import embedding_norm, embedding_summed_grads, embedding_unsupported
+from .linear import linear_norm, linear_summed_grads
+from .norm import affine_norm, affine_summed_grads
 
 
 @dataclass(frozen=True)
 class LayerRule:
-    norm_sq: Callable
+    norm: Callable
     summed_grads: Callable
     unsupported: Callable[[nn.Module], str | None] = lambda module: None  # why a configuration is not covered
+    autocast: bool = False  # autocast runs the layer in its lower precision (linear, conv): so are its inputs kept
 
 
 RULES: dict[type, LayerRule] = {
-    nn.Linear: LayerRule(linear_norm_sq, linear_summed_grads),
-    nn.Conv2d: LayerRule(conv2d_norm_sq, conv2d_summed_grads, conv2d_unsupported),
-    nn.Embedding: LayerRule(embedding_norm_sq, embedding_summed_grads, embedding_unsupported),
-    nn.LayerNorm: LayerRule(affine_norm_sq, affine_summed_grads),
-    nn.GroupNorm: LayerRule(affine_norm_sq, affine_summed_grads),
+    nn.Linear: LayerRule(linear_norm, linear_summed_grads, autocast=True),
+    nn.Conv2d: LayerRule(conv2d_norm, conv2d_summed_grads, conv2d_unsupported, autocast=True),
+    nn.Embedding: LayerRule(embedding_norm, embedding_summed_grads, embedding_unsupported),
+    nn.LayerNorm: LayerRule(affine_norm, affine_summed_grads),
+    nn.GroupNorm: LayerRule(affine_norm, affine_summed_grads),
 }

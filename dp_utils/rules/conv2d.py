@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..groups import RowGroups
-from .linear import bias_sum, matmul_sum, weight_and_bias_norm_sq
+from ..precision import NormTerms
+from .linear import bias_sum, matmul_sum, weight_and_bias_norm
 
 
 def conv2d_unsupported(module: nn.Conv2d) -> str | None:
@@ -31,9 +32,9 @@ def _patches(module: nn.Conv2d, calls: list) -> tuple[torch.Tensor, torch.Tensor
     return torch.cat(a, 1), torch.cat(g, 1)
 
 
-def conv2d_norm_sq(module: nn.Conv2d, calls: list, groups: RowGroups) -> torch.Tensor:
+def conv2d_norm(module: nn.Conv2d, calls: list, groups: RowGroups) -> NormTerms:
     a, g = _patches(module, calls)
-    return weight_and_bias_norm_sq(module, a, g, groups)
+    return weight_and_bias_norm(module, a, g, groups)
 
 
 def conv2d_summed_grads(module: nn.Conv2d, calls: list) -> dict[str, torch.Tensor]:

@@ -8,7 +8,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..groups import RowGroups, upcast
+from ..groups import RowGroups
+from ..precision import NormTerms, matmul, relative_bound, square_sums, unit_roundoff, upcast
 
 
 def embedding_unsupported(module: nn.Embedding) -> str | None:
@@ -24,18 +25,21 @@ def _tokens(module: nn.Embedding, calls: list) -> tuple[torch.Tensor, torch.Tens
     return idx, g
 
 
-def embedding_norm_sq(module: nn.Embedding, calls: list, groups: RowGroups) -> torch.Tensor:
-    if not module.weight.requires_grad:
-        return 0
+def embedding_norm(module: nn.Embedding, calls: list, groups: RowGroups) -> NormTerms:
     idx, g = _tokens(module, calls)
-    idx, g = groups.tokens(idx), upcast(groups.tokens(g))
+    idx, g = groups.tokens(idx), groups.tokens(g)
     same_row = idx.unsqueeze(2) == idx.unsqueeze(1)  # (E, T, T)
-    return ((g @ g.mT) * same_row).sum((1, 2))
+    gram, err = matmul(g, g.mT)
+    terms = NormTerms((gram * same_row).sum((1, 2)))
+    if err:
+        terms.norm_sq_error = relative_bound(err, err) * (gram.abs() * same_row).sum((1, 2))
+    u = unit_roundoff(g.dtype)
+    if u:  # a row's gradient sums at most T rounded c * g_t: ||error|| <= u sqrt(T) ||G||
+        terms.scaling_error_sq = u**2 * square_sums(g) * g.shape[1]
+    return terms
 
 
 def embedding_summed_grads(module: nn.Embedding, calls: list) -> dict[str, torch.Tensor]:
-    if not module.weight.requires_grad:
-        return {}
     idx, g = _tokens(module, calls)
     g = upcast(g)
     grad = torch.zeros(module.weight.shape, dtype=g.dtype, device=g.device)

@@ -3,7 +3,8 @@
 For one example with inputs A (T, d) and output gradients G (T, p), the weight gradient is G^T A and
     ||G^T A||_F^2 = <A A^T, G G^T>          (ghost norm, Li et al. 2022; cost T^2 (d + p))
 which avoids the (p, d) matrix when T (d + p) < d p. Calls of a reused module and rows of one example are
-concatenated along T, so the norm is that of the summed gradient, cross terms included.
+concatenated along T, so the norm is that of the summed gradient, cross terms included. The bias gradient is
+sum_t g_t. Products take the operands in the layer's dtype (bf16 under autocast) and accumulate in fp32.
 """
 
 from __future__ import annotations
@@ -11,28 +12,66 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..groups import RowGroups, upcast
+from ..groups import RowGroups
+from ..precision import NormTerms, matmul, relative_bound, square_sums, unit_roundoff
 
 
-def matmul_norm_sq(a: torch.Tensor, g: torch.Tensor, groups: RowGroups) -> torch.Tensor:
-    """Per-example ||sum of g_b^T a_b over the example's rows||_F^2, a (B, T, d), g (B, T, p)."""
-    g = upcast(groups.tokens(g))  # (E, K*T, p)
-    tokens, d, p = g.shape[1], a.shape[-1], g.shape[-1]
-    if tokens * (d + p) < d * p:
-        # <A A^T, G G^T> by vecdot, not a (1, T^2) @ (T^2, 1) bmm, which is 15x slower on CPU
-        return torch.linalg.vecdot(groups.gram(a).flatten(1), (g @ g.mT).flatten(1))
-    return torch.einsum("etp,etd->epd", g, upcast(groups.tokens(a))).pow(2).sum((1, 2))  # (E, p, d) grads
+def weight_and_bias_norm(module: nn.Module, a: torch.Tensor, g: torch.Tensor, groups: RowGroups) -> NormTerms:
+    """Per-example norm terms of the trainable weight (g^T a) and bias (sum of g), a (B, T, d), g (B, T, p).
+
+    c * g is rounded to g's dtype before the clipped sum: ||(delta G)^T [A, 1]||_F <= u ||G||_F ||[A, 1]||_2.
+    """
+    weight = module.weight.requires_grad
+    bias = module.bias is not None and module.bias.requires_grad
+    g_e = groups.tokens(g)  # (E, K*T, p)
+    tokens, d, p = g_e.shape[1], a.shape[-1], g.shape[-1]
+    if weight and tokens * (d + p) < d * p:
+        return _ghost_terms(groups.gram(a), matmul(g_e, g_e.mT), tokens, bias, unit_roundoff(g.dtype))
+    terms = NormTerms(torch.zeros(g_e.shape[0], device=g.device, dtype=torch.promote_types(g.dtype, torch.float32)))
+    a_e = groups.tokens(a) if weight else None
+    if weight:
+        per_example, err = matmul(g_e.mT, a_e)  # (E, p, d) gradients
+        terms.norm_sq = square_sums(per_example)
+        terms.norm_sq_error = relative_bound(err, err) * terms.norm_sq
+    if bias:
+        terms.norm_sq = terms.norm_sq + g_e.sum(1, dtype=terms.norm_sq.dtype).pow(2).sum(1)  # ||sum_t g_t||^2
+    u = unit_roundoff(g.dtype)
+    if u:  # ||[A, 1]||_2^2 <= ||[A, 1]||_F^2
+        input_sq = (square_sums(a_e) if weight else 0.0) + (tokens if bias else 0.0)
+        terms.scaling_error_sq = u**2 * square_sums(g_e) * input_sq
+    return terms
+
+
+def _ghost_terms(grams_a: tuple, grams_g: tuple, tokens: int, bias: bool, u: float) -> NormTerms:
+    """Norm terms from the per-example Gram matrices A A^T and G G^T (E, T, T) alone, each with the relative
+    rounding error of its entries: ||G^T A||^2 = <A A^T, G G^T>, ||G^T 1||^2 = 1^T G G^T 1, ||G||^2 = tr(G G^T)."""
+    (gram_a, err_a), (gram_g, err_g) = grams_a, grams_g
+    a_flat, g_flat = gram_a.flatten(1), gram_g.flatten(1)
+    # <A A^T, G G^T> by vecdot, not a (1, T^2) @ (T^2, 1) bmm
+    terms = NormTerms(torch.linalg.vecdot(a_flat, g_flat))
+    if bias:
+        terms.norm_sq = terms.norm_sq + g_flat.sum(1)
+    if err_a or err_g:  # each Gram entry is off by a relative error <= err: bound the error of what was summed
+        terms.norm_sq_error = relative_bound(err_a, err_g) * torch.linalg.vecdot(a_flat.abs(), g_flat.abs())
+        if bias:
+            terms.norm_sq_error = terms.norm_sq_error + relative_bound(err_g) * g_flat.abs().sum(1)
+    if u:  # ||[A, 1]||_2^2, the top eigenvalue of A A^T + J, is at most its Frobenius norm
+        frobenius_sq = square_sums(gram_a)
+        augmented_sq = frobenius_sq + 2 * a_flat.sum(1) + tokens**2 if bias else frobenius_sq
+        input_sq = augmented_sq.clamp(min=0).sqrt() + relative_bound(err_a) * frobenius_sq.sqrt()
+        grad_sq = (1 + relative_bound(err_g)) * gram_g.diagonal(dim1=1, dim2=2).sum(1)
+        terms.scaling_error_sq = u**2 * grad_sq * input_sq
+    return terms
 
 
 def matmul_sum(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """sum_b g_b^T a_b for a (B, T, d), g (B, T, p): one (p, d) matmul over all rows and tokens."""
-    dtype = torch.promote_types(a.dtype, g.dtype)
-    return g.flatten(0, 1).to(dtype).mT @ a.flatten(0, 1).to(dtype)
+    """sum_b g_b^T a_b for a (B, T, d), g (B, T, p): one (p, d) matmul over all rows and tokens, in at least fp32."""
+    return matmul(g.flatten(0, 1).mT, a.flatten(0, 1))[0]
 
 
 def bias_sum(g: torch.Tensor) -> torch.Tensor:
     """sum_b sum_t g_b,t for g (B, T, p), in at least fp32."""
-    return upcast(g).sum((0, 1))
+    return g.sum((0, 1), dtype=torch.promote_types(g.dtype, torch.float32))
 
 
 def tokens_of(calls: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,17 +81,9 @@ def tokens_of(calls: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Ten
     return (a[0], g[0]) if len(calls) == 1 else (torch.cat(a, 1), torch.cat(g, 1))
 
 
-def linear_norm_sq(module: nn.Linear, calls: list, groups: RowGroups) -> torch.Tensor:
+def linear_norm(module: nn.Linear, calls: list, groups: RowGroups) -> NormTerms:
     a, g = tokens_of(calls)
-    return weight_and_bias_norm_sq(module, a, g, groups)
-
-
-def weight_and_bias_norm_sq(module: nn.Module, a: torch.Tensor, g: torch.Tensor, groups: RowGroups) -> torch.Tensor:
-    """Per-example squared norms of the trainable weight (g^T a) and bias (sum of g), a (B, T, d), g (B, T, p)."""
-    norm_sq = matmul_norm_sq(a, g, groups) if module.weight.requires_grad else 0
-    if module.bias is not None and module.bias.requires_grad:
-        norm_sq = norm_sq + upcast(groups.tokens(g)).sum(1).pow(2).sum(1)  # ||sum_t g_t||^2
-    return norm_sq
+    return weight_and_bias_norm(module, a, g, groups)
 
 
 def linear_summed_grads(module: nn.Linear, calls: list) -> dict[str, torch.Tensor]:

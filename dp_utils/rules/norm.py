@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..groups import RowGroups, upcast
+from ..groups import RowGroups
+from ..precision import NormTerms, square_sums, unit_roundoff, upcast
 
 
 def _layer_norm_row_grads(module: nn.LayerNorm, x: torch.Tensor, g: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -40,8 +41,15 @@ def _row_grads(module: nn.Module, calls: list) -> dict[str, torch.Tensor]:
     return total
 
 
-def affine_norm_sq(module: nn.Module, calls: list, groups: RowGroups) -> torch.Tensor:
-    return sum(groups.sum_rows(grad).flatten(1).pow(2).sum(1) for grad in _row_grads(module, calls).values())
+def affine_norm(module: nn.Module, calls: list, groups: RowGroups) -> NormTerms:
+    grads = _row_grads(module, calls)
+    terms = NormTerms(sum(square_sums(groups.sum_rows(grad)) for grad in grads.values()))
+    u = unit_roundoff(calls[0][1].dtype)
+    if u:  # rounded c * g, summed over n elements against x_hat (||x_hat||^2 <= n) and over positions for the bias
+        elements = sum(g[0].numel() for _, g in calls) * groups.max_rows
+        grad_sq = sum(square_sums(groups.tokens(g.flatten(1).unsqueeze(-1))) for _, g in calls)
+        terms.scaling_error_sq = u**2 * grad_sq * 2 * elements
+    return terms
 
 
 def affine_summed_grads(module: nn.Module, calls: list) -> dict[str, torch.Tensor]:
