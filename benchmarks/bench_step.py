@@ -1,17 +1,22 @@
 """One DiT training step (forward, backward, optimizer step) per mode, side by side in one run.
 
-    python benchmarks/bench_step.py --model DiT-S/2 --latent_size 16 --batch_size 16             # CPU proxy
-    python benchmarks/bench_step.py --model DiT-XL/2 --latent_size 32 --batch_size 64 --bf16     # H100 anchor
+    python benchmarks/bench_step.py --model DiT-S/2 --latent_size 16 --batch_size 16 --threads 2        # CPU proxy
+    python benchmarks/bench_step.py --model DiT-S/2 --latent_size 16 --batch_size 16 --threads 2 --bf16
+    python benchmarks/bench_step.py --model DiT-XL/2 --latent_size 32 --batch_size 64 --bf16            # GPU
 
-Each mode runs in its own process (clean peak memory); the table gives samples/s, the ratio to non-private
-training at the same batch, and peak memory (CUDA max allocated on GPU; peak RSS growth over the set-up on CPU).
-One JSON line per mode follows the table. On CPU every mode runs with glibc keeping freed memory, as the trainer
-does (`dp_utils.cpu_memory`); `--default_malloc` leaves glibc's defaults.
+Each mode runs in its own process (clean peak memory) and loops as a training loop does (the last loss and
+prediction stay bound until the next forward). The table gives samples/s and its ratio to non-private training at
+the same batch; peak memory (CUDA max allocated on GPU; on CPU the peak bytes of live tensors from
+`dp_utils.profiling.StorageTracker`, beside peak RSS growth); and the matrix-multiply FLOPs of one step by operand
+dtype (`MatmulFlops`). On CPU with --bf16 every LayerNorm computes in fp32, as CUDA autocast runs it, so that the
+step sees the dtypes a GPU step sees. One JSON line per mode follows the table. On CPU every mode runs with glibc
+keeping freed memory, as the trainer does (`dp_utils.cpu_memory`); `--default_malloc` leaves glibc's defaults.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import resource
 import statistics
@@ -26,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import dp_utils  # noqa: E402
 from dp_utils.cpu_memory import retain_freed_memory  # noqa: E402
 from dp_utils.model import PRESETS, disable_label_dropout, dit_from_preset  # noqa: E402
+from dp_utils.profiling import MatmulFlops, StorageTracker, layer_norms_in_fp32  # noqa: E402
 
 MODES = ("non_private", "flash_bk", "flash", "opacus_ghost", "opacus_hooks")
 
@@ -42,9 +48,12 @@ def run_mode(args) -> dict:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     retained = device.type == "cpu" and not args.default_malloc and retain_freed_memory()
-    model = dit_from_preset(args.model, in_channels=4, sample_size=args.latent_size, num_classes=1000)
-    model.to(device).train()
-    disable_label_dropout(model)  # the trainer draws label dropout itself, once per example
+    with device:  # initialised in place: a DiT-XL/2 is 675M parameters
+        model = dit_from_preset(args.model, in_channels=4, sample_size=args.latent_size, num_classes=1000)
+    model.train()
+    disable_label_dropout(model)
+    if args.gradient_checkpointing:
+        model.enable_gradient_checkpointing()  # the trainer draws label dropout itself, once per example
     frozen = dp_utils.freeze_embedders(model) if args.mode == "opacus_ghost" else []  # the only way ghost runs
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
@@ -64,30 +73,43 @@ def run_mode(args) -> dict:
             poisson_sampling=False,
         )
 
-    def step():
+    state = {}
+
+    def step():  # the loss and prediction stay bound until the next forward rebinds them, as in a training loop
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
-            loss = criterion(model(x, timestep=t, class_labels=y).sample[:, :4], noise)
-        (loss.mean() if args.mode == "non_private" else loss).backward()
+            state["prediction"] = model(x, timestep=t, class_labels=y).sample[:, :4]
+            state["loss"] = criterion(state["prediction"], noise)
+        (state["loss"].mean() if args.mode == "non_private" else state["loss"]).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    baseline = rss_mib()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    times = []
-    for i in range(args.warmup + args.steps):
+    gpu_layer_norms = args.bf16 and device.type == "cpu"
+    with layer_norms_in_fp32(model) if gpu_layer_norms else contextlib.nullcontext():
+        baseline = rss_mib()
         if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        step()
+            torch.cuda.reset_peak_memory_stats()
+        times = []
+        for i in range(args.warmup + args.steps):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if i >= args.warmup:
+                times.append(time.perf_counter() - start)
         if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i >= args.warmup:
-            times.append(time.perf_counter() - start)
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated() / 2**30
-    else:
-        peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - baseline) / 1024
+            peak = torch.cuda.max_memory_allocated() / 2**30
+        else:
+            peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - baseline) / 1024
+        tracked = {}
+        if device.type == "cpu":  # exact bytes of live tensors over two steps (the state of the loop is live before)
+            with StorageTracker() as tracker:
+                step()
+                step()
+            tracked = dict(tensor_peak_mib=tracker.peak / 2**20, alive_after_step_mib=tracker.live / 2**20)
+        with MatmulFlops() as flops:
+            step()
     median = statistics.median(times)
     return dict(
         mode=args.mode,
@@ -95,10 +117,14 @@ def run_mode(args) -> dict:
         latent_size=s,
         batch_size=b,
         bf16=args.bf16,
+        gradient_checkpointing=args.gradient_checkpointing,
+        fp32_layer_norms=gpu_layer_norms,
         device=str(device),
         s_per_step=median,
         samples_per_s=b / median,
         peak_gib=peak,
+        **tracked,
+        matmul_gflop={str(dtype).removeprefix("torch."): n / 1e9 for dtype, n in flops.by_dtype.items()},
         frozen_params=len(frozen),
         malloc_retains_freed=retained,
         trainable=sum(p.numel() for p in params),
@@ -119,29 +145,32 @@ def main(args):
         else:
             results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     base = next((r for r in results if r["mode"] == "non_private" and "error" not in r), None)
-    memory = (
-        "peak GiB (CUDA)" if results and results[0].get("device", "").startswith("cuda") else "peak RSS growth GiB"
-    )
+    on_gpu = any(r.get("device", "").startswith("cuda") for r in results)
+    memory_key = "peak_gib" if on_gpu else "tensor_peak_mib"
+    memory = "peak GiB (CUDA max allocated)" if on_gpu else "peak MiB of live tensors (RSS growth GiB)"
     print(
         f"{args.model}, latent {args.latent_size}x{args.latent_size}, batch {args.batch_size}, "
-        f"{'bf16 autocast' if args.bf16 else 'fp32'}, median of {args.steps} steps after {args.warmup} warm-ups"
-        + (
-            ", glibc malloc keeps freed memory in every mode"
-            if any(r.get("malloc_retains_freed") for r in results)
-            else ""
-        )
+        f"{'bf16 autocast' if args.bf16 else 'fp32'}"
+        + (", gradient checkpointing" if args.gradient_checkpointing else "")
+        + f", median of {args.steps} steps after {args.warmup} warm-ups"
+        + (", layer norms in fp32 as on CUDA" if any(r.get("fp32_layer_norms") for r in results) else "")
+        + (", glibc malloc keeps freed memory" if any(r.get("malloc_retains_freed") for r in results) else "")
     )
-    print(f"| mode | s/step | samples/s | vs non-private | {memory} | trainable params |")
-    print("|---|---|---|---|---|---|")
+    print(f"| mode | s/step | samples/s | vs non-private | {memory} | vs non-private | matmul GFLOP (fp32 share) |")
+    print("|---|---|---|---|---|---|---|")
     for r in results:
         if "error" in r:
-            print(f"| {r['mode']} | {r['error'][:100]} | | | | |")
+            print(f"| {r['mode']} | {r['error'][:100]} | | | | | |")
             continue
-        ratio = r["samples_per_s"] / base["samples_per_s"] if base else float("nan")
-        r["vs_non_private"] = ratio
+        r["vs_non_private"] = r["samples_per_s"] / base["samples_per_s"] if base else float("nan")
+        r["memory_vs_non_private"] = r[memory_key] / base[memory_key] if base else float("nan")
+        gflop = r["matmul_gflop"]
+        wide = sum(v for k, v in gflop.items() if k in ("float32", "float64"))
+        rss = "" if on_gpu else f" ({r['peak_gib']:.2f})"
         print(
-            f"| {r['mode']} | {r['s_per_step']:.3f} | {r['samples_per_s']:.1f} | {ratio:.2f} | {r['peak_gib']:.2f} "
-            f"| {r['trainable'] / 1e6:.1f}M |"
+            f"| {r['mode']} | {r['s_per_step']:.3f} | {r['samples_per_s']:.1f} | {r['vs_non_private']:.2f} "
+            f"| {r[memory_key]:.{2 if on_gpu else 0}f}{rss} | {r['memory_vs_non_private']:.2f} "
+            f"| {sum(gflop.values()):.1f} ({wide / sum(gflop.values()):.0%}) |"
         )
     for r in results:
         print(json.dumps(r))
@@ -153,6 +182,9 @@ def parse_args(input_args=None):
     parser.add_argument("--latent_size", type=int, default=16, help="Latent height and width (32 for 256px).")
     parser.add_argument("--batch_size", type=int, default=16, help="Examples per step.")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (fp32 otherwise).")
+    parser.add_argument(
+        "--gradient_checkpointing", action="store_true", help="diffusers' enable_gradient_checkpointing() on the DiT."
+    )
     parser.add_argument("--steps", type=int, default=5, help="Timed steps per mode; the median is reported.")
     parser.add_argument("--warmup", type=int, default=2, help="Untimed steps before timing.")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default).")

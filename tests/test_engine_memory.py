@@ -1,0 +1,100 @@
+"""The engine in a training loop, measured exactly: bytes of live tensors (StorageTracker) and matmul FLOPs by dtype,
+in fp32, bf16 autocast (layer norms in fp32, as CUDA runs them) and with gradient checkpointing, against
+non-private training of the same model on the same batch."""
+
+import contextlib
+
+import pytest
+import torch
+from oracle import dit_batch, dit_losses, naive_clipped_sum, private_update, relative_error, tiny_dit
+from torch.utils.data import DataLoader, TensorDataset
+
+import dp_utils
+from dp_utils.profiling import MatmulFlops, StorageTracker, layer_norms_in_fp32
+
+ROWS = 8
+# DiT-S/2 blocks on 64 tokens (the FLOP ratios depend on width and tokens, not on depth), fewer of them
+CONFIG = dict(num_attention_heads=6, attention_head_dim=64, num_layers=3, sample_size=16)
+
+
+def training_loop(tmp_path, mode: str, bf16: bool = False, checkpointing: bool = False):
+    """A step function over one batch that keeps the last loss and prediction bound, as training loops do."""
+    model = tiny_dit(tmp_path, **CONFIG)
+    if checkpointing:
+        model.enable_gradient_checkpointing()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    criterion = dp_utils.per_sample_mse
+    if mode != "non_private":
+        loader = DataLoader(TensorDataset(torch.arange(ROWS)), batch_size=ROWS)
+        model, optimizer, criterion, _ = dp_utils.make_private(
+            module=model,
+            optimizer=optimizer,
+            data_loader=loader,
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+            grad_sample_mode=mode,
+            poisson_sampling=False,
+        )
+    x, t, y, noise = dit_batch(ROWS, size=16)
+    state = {}
+
+    def step():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            state["prediction"] = model(x, timestep=t, class_labels=y).sample[:, :4]
+            state["loss"] = criterion(state["prediction"], noise)
+        (state["loss"].mean() if mode == "non_private" else state["loss"]).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return model, step
+
+
+def measure(tmp_path, mode: str, bf16: bool = False, checkpointing: bool = False) -> tuple[int, int, MatmulFlops]:
+    """Peak bytes over two steps after a warm-up, bytes still alive after them, and one step's matmul FLOPs."""
+    model, step = training_loop(tmp_path, mode, bf16, checkpointing)
+    with layer_norms_in_fp32(model) if bf16 else contextlib.nullcontext():
+        step()
+        with StorageTracker() as tracker:
+            step()
+            step()
+        with MatmulFlops() as flops:
+            step()
+    return tracker.peak, tracker.live, flops
+
+
+SETTINGS = {"fp32": {}, "bf16": {"bf16": True}, "bf16-checkpointing": {"bf16": True, "checkpointing": True}}
+
+
+@pytest.mark.parametrize("mode", ["flash_bk", "flash"])
+@pytest.mark.parametrize("setting", SETTINGS)
+def test_step_peak_and_leftovers_match_non_private_training(tmp_path, setting, mode):
+    peak, alive, _ = measure(tmp_path, "non_private", **SETTINGS[setting])
+    private_peak, private_alive, _ = measure(tmp_path, mode, **SETTINGS[setting])
+    assert private_peak <= 1.25 * peak, (private_peak / 2**20, peak / 2**20)
+    # the loss and prediction the loop holds, and the engine's (E,) norms of the last step: nothing else
+    assert private_alive <= alive + 4 * ROWS, (private_alive, alive)
+
+
+def test_bf16_step_multiplies_in_bf16(tmp_path):
+    _, _, flops = measure(tmp_path, "non_private", bf16=True)
+    _, _, private_flops = measure(tmp_path, "flash_bk", bf16=True)
+    assert flops.fraction(torch.float32, torch.float64) == 0
+    assert private_flops.fraction(torch.float32, torch.float64) <= 0.05, dict(private_flops.by_dtype)
+    assert private_flops.total <= 1.15 * flops.total
+
+
+@pytest.mark.parametrize("mode", ["flash_bk", "flash"])
+def test_gradient_checkpointing_equals_naive_loop(tmp_path, mode):
+    rows, max_grad_norm = 4, 0.05
+    batch = dit_batch(rows, dtype=torch.float64)
+    expected, norms = naive_clipped_sum(
+        tiny_dit(tmp_path, dtype=torch.float64), dit_losses, batch, max_grad_norm, torch.arange(rows)
+    )
+    model = tiny_dit(tmp_path, dtype=torch.float64)
+    model.enable_gradient_checkpointing()
+    recomputed = []
+    model.transformer_blocks[1].register_forward_pre_hook(lambda *args: recomputed.append(True))
+    update, engine_norms = private_update(model, dit_losses, batch, max_grad_norm, mode, rows)
+    assert len(recomputed) == 3  # the forward, then a recompute in each of the engine's two backward passes
+    torch.testing.assert_close(engine_norms, norms, rtol=1e-10, atol=0)  # recomputed calls counted once
+    assert relative_error(update, {n: e / rows for n, e in expected.items()}) < 1e-10
