@@ -57,10 +57,13 @@ class _FlashStages:
     """The DP step of Opacus' optimizer as named stages, for gradients that arrive clipped and summed.
 
     pre_step: `check_cleared` (no sum is used twice), `accumulate` (move `.grad` into `summed_grad`), then, at the
-    end of a logical batch, `add_noise_and_scale` (grad = sum / B + N(0, (sigma C / B)^2), B the expected batch
-    size, in place and in one pass) and only then the accountant's step hook. A failure in the noise raises before
-    the hook: a step whose noise is not in every gradient is neither applied nor accounted.
+    end of a logical batch, `check_finite` (no non-finite per-example norm went into the sums),
+    `add_noise_and_scale` (grad = sum / B + N(0, (sigma C / B)^2), B the expected batch size, in place and in one
+    pass) and only then the accountant's step hook. A failure in the noise raises before the hook: a step whose
+    noise is not in every gradient is neither applied nor accounted.
     """
+
+    clipping_engine: ClippingEngine | None = None  # set by make_private
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -74,6 +77,7 @@ class _FlashStages:
         if self._check_skip_next_step():
             self._is_last_step_skipped = True
             return False
+        self.check_finite()
         self.add_noise_and_scale()
         if self.step_hook:
             self.step_hook(self)  # the accountant: only once the noise is in every gradient
@@ -86,6 +90,19 @@ class _FlashStages:
             raise ValueError(
                 "Gradients haven't been cleared since the last optimizer step (or a failed one): call "
                 "optimizer.zero_grad() after every optimizer.step(), or the privacy guarantee does not hold."
+            )
+
+    def check_finite(self) -> None:
+        """Refuse a step whose sums hold a non-finite per-example norm (one host sync per logical batch)."""
+        engine = self.clipping_engine
+        if engine is None or engine.nonfinite is None:
+            return
+        nonfinite, engine.nonfinite = bool(engine.nonfinite), None
+        if nonfinite:
+            raise FloatingPointError(
+                "A per-example gradient norm is NaN or infinite (a non-finite loss or activation): the step is "
+                "neither applied nor accounted. Likely causes: a learning rate too high, fp16 without loss scaling, "
+                "or NaN/inf in the data. Call optimizer.zero_grad() before the next step."
             )
 
     def accumulate(self) -> None:
@@ -251,6 +268,8 @@ class PrivacyEngine:
         )
         optimizer.attach_step_hook(self.accountant.get_optimizer_hook_fn(sample_rate=sample_rate))
         optimizer.privacy_engine = self
+        if grad_sample_mode in MODES:
+            optimizer.clipping_engine = self.clipping_engine
         return (
             module,
             optimizer,
