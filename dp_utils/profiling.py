@@ -78,6 +78,8 @@ class MatmulFlops(TorchDispatchMode):
         out = func(*args, **kwargs)
         count = flop_registry.get(func._overloadpacket)
         if count is not None:
+            if func._overloadname == "dtype":  # mm/bmm with out_dtype: the formula takes the operands alone
+                args, kwargs = args[:2], {}
             shapes = _shapes((args, kwargs))
             flops = count(*shapes[0], **shapes[1], out_val=_shapes(out))
             operand = next(t for t in tree_flatten(args)[0] if isinstance(t, torch.Tensor) and t.is_floating_point())
