@@ -105,9 +105,18 @@ def trainable_layers(module: nn.Module) -> dict[nn.Module, tuple[str, LayerRule]
     return layers
 
 
-def _row_factor(row_coef: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    """Row clip factors shaped to scale `grad` in its own dtype, each rounded down: the product is rounded once."""
-    return in_dtype_rounded_down(row_coef.to(grad.device), grad.dtype).view(-1, *[1] * (grad.dim() - 1))
+class _RowFactors:
+    """Row clip factors in each gradient's device and dtype, each rounded down (the product is rounded once)."""
+
+    def __init__(self, row_coef: torch.Tensor):
+        self.row_coef = row_coef
+        self._cast: dict[tuple, torch.Tensor] = {}
+
+    def for_grad(self, grad: torch.Tensor) -> torch.Tensor:
+        key = (grad.device, grad.dtype)
+        if key not in self._cast:
+            self._cast[key] = in_dtype_rounded_down(self.row_coef.to(grad.device), grad.dtype)
+        return self._cast[key].view(-1, *[1] * (grad.dim() - 1))
 
 
 def _no_autocast(device_type: str) -> contextlib.AbstractContextManager:
@@ -140,6 +149,7 @@ class ClippingEngine:
             for n, p in layer.named_parameters(recurse=False)
             if p.requires_grad
         }
+        self._frozen = [(n, p) for n, p in module.named_parameters() if p not in self._param_names]
         self._anchors: dict[torch.device, torch.Tensor] = {}
         self._forward = 0
         self._calls: dict[nn.Module, list[_Call]] = {}  # the current forward's calls, per layer
@@ -150,9 +160,9 @@ class ClippingEngine:
         self._last_cast: tuple | None = None  # (input, version, its autocast copy)
         self._phase: str | None = None  # "norms" or "sums" while the engine drives a backward
         self._groups: RowGroups | None = None
-        self._terms: NormTerms | None = None
+        self._terms: list[NormTerms] = []  # per layer, summed when the clip factors are computed
         self._counted: set[nn.Module] = set()  # layers whose norms are in _terms
-        self._row_coef: torch.Tensor | None = None
+        self._row_factors: _RowFactors | None = None
         self._two_pass = False
         self._handles = [
             module.register_forward_pre_hook(self._start_forward),
@@ -236,7 +246,7 @@ class ClippingEngine:
             self._release()
             return
         self._check_graph(losses)
-        self._groups, self._terms, self._counted = groups, None, set()
+        self._groups, self._terms, self._counted = groups, [], set()
         self._two_pass = self.mode == "flash" or self._recomputed
         anchors = list(self._anchors.values())
         # The last pass also reaches the parameters of layers whose input needs no gradient: autograd runs (and
@@ -254,10 +264,10 @@ class ClippingEngine:
                     self._book_keeping(row_coef)
             if self._two_pass:
                 self._release_calls()
-                self._phase, self._row_coef = "sums", row_coef  # each layer's clipped sum as its pairs arrive again
+                self._phase, self._row_factors = "sums", _RowFactors(row_coef)  # each layer's sum as its pairs return
                 torch.autograd.grad(losses.sum(), last_pass, allow_unused=True)
         finally:  # nothing the engine captured outlives the backward, also when it fails
-            self._phase, self._groups, self._terms, self._row_coef = None, None, None, None
+            self._phase, self._groups, self._terms, self._row_factors = None, None, [], None
             self._release()
 
     def _on_grad(self, call: _Call | None, layer_input: torch.Tensor, grad: torch.Tensor) -> None:
@@ -292,7 +302,7 @@ class ClippingEngine:
                 )
         with _no_autocast(calls[0].grad.device.type):
             terms = rule.norm(layer, [(c.input, c.grad) for c in calls], self._groups)
-        self._terms = terms if self._terms is None else self._terms + terms
+        self._terms.append(terms)
 
     def _clip_factors(self, losses: torch.Tensor, groups: RowGroups) -> torch.Tensor:
         """Per-row clip factor c_e(b) = min(1, C / (upper bound of ||g_e|| + 1e-6)), (B,)."""
@@ -300,7 +310,7 @@ class ClippingEngine:
             answered = [c for c in calls if c.grad is not None]
             if answered and layer not in self._counted:
                 self._add_norms(layer, answered)
-        terms = self._terms or NormTerms(losses.new_zeros(groups.num_examples, dtype=torch.float32))
+        terms = NormTerms.total(self._terms) if self._terms else NormTerms(losses.new_zeros(groups.num_examples))
         self.per_example_norms = terms.norm_sq.sqrt()
         nonfinite = ~torch.isfinite(terms.norm_sq).all()
         self.nonfinite = nonfinite if self.nonfinite is None else self.nonfinite | nonfinite
@@ -309,12 +319,12 @@ class ClippingEngine:
 
     def _add_clipped(self, layer: nn.Module, layer_input: torch.Tensor, grad: torch.Tensor) -> None:
         """Second pass of flash: add one call's clipped sum; the gradient flows on unscaled, so scale a copy."""
-        self._accumulate(layer, [(layer_input, grad * _row_factor(self._row_coef, grad))])
+        self._accumulate(layer, [(layer_input, grad * self._row_factors.for_grad(grad))])
 
     def _book_keeping(self, row_coef: torch.Tensor) -> None:
         """p.grad += sum_b c_b g_b for every trainable parameter, from the stored inputs and output gradients."""
         answered = {layer: [c for c in calls if c.grad is not None] for layer, calls in self._calls.items()}
-        self._scale_output_grads([c for calls in answered.values() for c in calls], row_coef)
+        self._scale_output_grads([c for calls in answered.values() for c in calls], _RowFactors(row_coef))
         for layer, calls in answered.items():
             if calls:
                 self._accumulate(layer, [(c.input, c.grad) for c in calls])
@@ -326,11 +336,12 @@ class ClippingEngine:
             grads = self.layers[layer][1].summed_grads(layer, pairs)
         for name, grad in grads.items():
             param = getattr(layer, name)
-            grad = grad.to(param.dtype)
+            if grad.dtype != param.dtype:
+                grad = grad.to(param.dtype)
             param.grad = grad if param.grad is None else param.grad + grad
 
     @staticmethod
-    def _scale_output_grads(calls: list[_Call], row_coef: torch.Tensor) -> None:
+    def _scale_output_grads(calls: list[_Call], factors: _RowFactors) -> None:
         """g_b <- c_b g_b for every stored output gradient, so that each layer's plain gradient is the clipped sum.
 
         In place: the backward is over and the gradients are ours alone, which saves a copy per layer. A gradient
@@ -347,15 +358,15 @@ class ClippingEngine:
             key = (g.data_ptr(), g.shape, g.stride())
             if key not in scaled:
                 in_place = len(layouts[g.untyped_storage().data_ptr()]) == 1 and g.is_contiguous()
-                factor = _row_factor(row_coef, g)
+                factor = factors.for_grad(g)
                 scaled[key] = g.mul_(factor) if in_place else g * factor
             c.grad = scaled[key]
 
     # guards
 
     def _check_coverage(self) -> None:
-        for name, p in self.module.named_parameters():
-            if p.requires_grad and p not in self._param_names:
+        for name, p in self._frozen:
+            if p.requires_grad:
                 raise UnsupportedModuleError(
                     f"Parameter '{name}' became trainable after the model was made private; its gradient would "
                     "not be clipped. Set requires_grad before calling make_private."

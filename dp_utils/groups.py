@@ -6,9 +6,14 @@ clipped as one: its gradient is the sum over its rows, and its norm the norm of 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TypeVar
+
 import torch
 
 from .precision import matmul
+
+T = TypeVar("T")
 
 
 class RowGroups:
@@ -18,7 +23,7 @@ class RowGroups:
         if group_ids is not None and multiplicity != 1:
             raise ValueError("Give either group_ids or a multiplicity, not both.")
         self.num_rows = num_rows
-        self._last_gram: tuple | None = None  # (key, tensor, Gram) of the last gram() call
+        self._last: tuple | None = None  # (key, tensor, value) of the last shared() call
         self._contiguous = None  # K when rows i*K..i*K+K-1 form example i (no copy needed to group them)
         if group_ids is None:
             if num_rows % multiplicity:
@@ -69,17 +74,21 @@ class RowGroups:
 
     def gram(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
         """(B, T, d) -> (E, K*T, K*T): Gram matrices of each example's tokens, in at least fp32, from operands in x's
-        dtype; and the relative rounding error of their entries (`precision.matmul`).
+        dtype; and the relative rounding error of their entries (`precision.matmul`)."""
+        tokens = self.tokens(x)
+        return matmul(tokens, tokens.mT)
 
-        The last one is kept (one backward, one RowGroups): attention's q, k and v projections read the same input
-        and their output gradients arrive one after another, so they share one Gram. The key is the memory and
-        layout of x, and x is kept with it, so no other tensor can take its address meanwhile.
+    def shared(self, x: torch.Tensor, tag: object, compute: Callable[[], T]) -> T:
+        """`compute()`, kept for the next call on the same tensor x (same memory and layout) with the same tag.
+
+        One backward, one RowGroups: attention's q, k and v projections read one input and their output gradients
+        arrive one after another, so they share what is derived from it (its Gram). x is kept with the value, so
+        no other tensor can take its address meanwhile.
         """
-        key = (x.data_ptr(), x.shape, x.stride(), x.dtype)
-        if self._last_gram is None or self._last_gram[0] != key:
-            tokens = self.tokens(x)
-            self._last_gram = (key, x, matmul(tokens, tokens.mT))
-        return self._last_gram[2]
+        key = (x.data_ptr(), x.shape, x.stride(), x.dtype, tag)
+        if self._last is None or self._last[0] != key:
+            self._last = (key, x, compute())
+        return self._last[2]
 
     def sum_rows(self, x: torch.Tensor) -> torch.Tensor:
         """(B, ...) -> (E, ...): per-example sums of per-row quantities."""

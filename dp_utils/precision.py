@@ -13,6 +13,7 @@ as actually summed, has norm at most C. fp32 and fp64 arithmetic is treated as e
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -36,14 +37,20 @@ def square_sums(x: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(x.flatten(1), dim=1, dtype=torch.promote_types(x.dtype, torch.float32)).square()
 
 
+def frobenius(x: torch.Tensor) -> torch.Tensor:
+    """(E, ...) -> (E,): each example's Frobenius norm."""
+    return torch.linalg.vector_norm(x.flatten(1), dim=1)
+
+
 def matmul(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, float]:
     """a @ b from operands in their own (common) dtype, the result in at least fp32; and the relative rounding error
     of its entries: 0 where the product is written in fp32 (CUDA), u where it is first rounded to bf16/fp16."""
-    dtype = torch.promote_types(a.dtype, b.dtype)
-    if a.dtype != b.dtype:
+    dtype = a.dtype
+    if b.dtype != dtype:
+        dtype = torch.promote_types(dtype, b.dtype)
         a, b = a.to(dtype), b.to(dtype)
     if dtype not in LOW_PRECISION:
-        return upcast(a) @ upcast(b), 0.0
+        return a @ b, 0.0  # fp32 or wider already
     if a.is_cuda and _CUDA_FP32_OUTPUT:  # cuBLAS writes the fp32 accumulator out as is
         return (torch.mm if a.dim() == 2 else torch.bmm)(a, b, out_dtype=torch.float32), 0.0
     return (a @ b).float(), unit_roundoff(dtype)
@@ -77,12 +84,19 @@ class NormTerms:
     norm_sq_error: torch.Tensor | float = 0.0
     scaling_error_sq: torch.Tensor | float = 0.0
 
-    def __add__(self, other: NormTerms) -> NormTerms:
-        return NormTerms(
-            self.norm_sq + other.norm_sq,
-            self.norm_sq_error + other.norm_sq_error,
-            self.scaling_error_sq + other.scaling_error_sq,
-        )
+    @staticmethod
+    def total(terms: list[NormTerms]) -> NormTerms:
+        """The sum over layers, one stacked sum per field (not an add per layer: fewer kernels on a GPU)."""
+
+        def add(values: list) -> torch.Tensor | float:
+            tensors = [v for v in values if isinstance(v, torch.Tensor)]
+            if not tensors:
+                return 0.0
+            dtype = functools.reduce(torch.promote_types, (t.dtype for t in tensors))
+            return torch.stack([t.to(dtype) for t in tensors]).sum(0)
+
+        fields = ([t.norm_sq for t in terms], [t.norm_sq_error for t in terms], [t.scaling_error_sq for t in terms])
+        return NormTerms(*(add(values) for values in fields))
 
     def upper_norm(self) -> torch.Tensor:
         """An upper bound on each example's contribution norm per unit of clip factor."""

@@ -33,14 +33,23 @@ def test_gram_of_unequal_groups_pads_with_zeros():
         assert not gram[n:].any() and not gram[:, n:].any()
 
 
-def test_gram_is_shared_by_readers_of_one_tensor_and_never_stale():
+def test_shared_value_is_reused_for_one_tensor_and_never_stale():
     groups = RowGroups(None, 4)
     x = torch.randn(4, 8, 16)
-    first = groups.gram(x)
-    assert groups.gram(x.reshape(4, -1, 16)) is first  # q, k and v see views of one input
+    computed = []
+
+    def gram_of(t):
+        computed.append(t)
+        return groups.gram(t)[0]
+
+    first = groups.shared(x, "gram", lambda: gram_of(x))
+    assert groups.shared(x.reshape(4, -1, 16), "gram", lambda: gram_of(x)) is first  # q, k and v: views of one input
+    assert len(computed) == 1
     y = torch.randn(4, 8, 16)  # same shape, other values
-    torch.testing.assert_close(groups.gram(y)[0], y @ y.mT)
-    torch.testing.assert_close(groups.gram(x[:, :4])[0], x[:, :4] @ x[:, :4].mT)  # same address, other layout
+    torch.testing.assert_close(groups.shared(y, "gram", lambda: gram_of(y)), y @ y.mT)
+    z = x[:, :4]  # same address, other layout
+    torch.testing.assert_close(groups.shared(z, "gram", lambda: gram_of(z)), z @ z.mT)
+    assert groups.shared(z, "other tag", lambda: None) is None
 
 
 def test_gram_of_bf16_tokens_has_bf16_operands_and_states_its_rounding():

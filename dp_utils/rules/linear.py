@@ -9,11 +9,36 @@ sum_t g_t. Products take the operands in the layer's dtype (bf16 under autocast)
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from ..groups import RowGroups
-from ..precision import NormTerms, matmul, relative_bound, square_sums, unit_roundoff
+from ..precision import NormTerms, frobenius, matmul, relative_bound, square_sums, unit_roundoff
+
+
+@dataclass
+class InputGram:
+    """What the ghost norm needs of a layer input, computed once for all the layers that read it (q, k, v)."""
+
+    gram: torch.Tensor  # (E, T, T): A A^T, plus J (all ones) for a trainable bias: [A, 1] [A, 1]^T
+    error: float  # relative rounding error of the A A^T entries
+    spectral_sq: torch.Tensor | None = None  # (E,) >= ||[A, 1]||_2^2: how far rounding c * g can move the gradient
+    abs_gram: torch.Tensor | None = None  # |A A^T| (+ J), where the entries are rounded: bounds the norm's error
+
+
+def input_gram(groups: RowGroups, a: torch.Tensor, bias: bool, rounding: bool) -> InputGram:
+    """The augmented Gram of a (B, T, d) and, for bf16/fp16 output gradients (`rounding`), the bounds' terms."""
+    gram, error = groups.gram(a)
+    inputs = InputGram(gram + 1 if bias else gram, error)
+    if rounding:  # ||[A, 1]||_2^2, the top eigenvalue of [A, 1][A, 1]^T, is at most its Frobenius norm
+        inputs.spectral_sq = frobenius(inputs.gram)
+        if error:
+            inputs.spectral_sq = inputs.spectral_sq + relative_bound(error) * frobenius(gram)
+    if error:
+        inputs.abs_gram = gram.abs() + 1 if bias else gram.abs()
+    return inputs
 
 
 def weight_and_bias_norm(module: nn.Module, a: torch.Tensor, g: torch.Tensor, groups: RowGroups) -> NormTerms:
@@ -23,10 +48,12 @@ def weight_and_bias_norm(module: nn.Module, a: torch.Tensor, g: torch.Tensor, gr
     """
     weight = module.weight.requires_grad
     bias = module.bias is not None and module.bias.requires_grad
+    u = unit_roundoff(g.dtype)
     g_e = groups.tokens(g)  # (E, K*T, p)
     tokens, d, p = g_e.shape[1], a.shape[-1], g.shape[-1]
     if weight and tokens * (d + p) < d * p:
-        return _ghost_terms(groups.gram(a), matmul(g_e, g_e.mT), tokens, bias, unit_roundoff(g.dtype))
+        inputs = groups.shared(a, (bias, u > 0), lambda: input_gram(groups, a, bias, u > 0))
+        return _ghost_terms(inputs, matmul(g_e, g_e.mT), u)
     terms = NormTerms(torch.zeros(g_e.shape[0], device=g.device, dtype=torch.promote_types(g.dtype, torch.float32)))
     a_e = groups.tokens(a) if weight else None
     if weight:
@@ -35,32 +62,30 @@ def weight_and_bias_norm(module: nn.Module, a: torch.Tensor, g: torch.Tensor, gr
         terms.norm_sq_error = relative_bound(err, err) * terms.norm_sq
     if bias:
         terms.norm_sq = terms.norm_sq + g_e.sum(1, dtype=terms.norm_sq.dtype).pow(2).sum(1)  # ||sum_t g_t||^2
-    u = unit_roundoff(g.dtype)
     if u:  # ||[A, 1]||_2^2 <= ||[A, 1]||_F^2
         input_sq = (square_sums(a_e) if weight else 0.0) + (tokens if bias else 0.0)
         terms.scaling_error_sq = u**2 * square_sums(g_e) * input_sq
     return terms
 
 
-def _ghost_terms(grams_a: tuple, grams_g: tuple, tokens: int, bias: bool, u: float) -> NormTerms:
-    """Norm terms from the per-example Gram matrices A A^T and G G^T (E, T, T) alone, each with the relative
-    rounding error of its entries: ||G^T A||^2 = <A A^T, G G^T>, ||G^T 1||^2 = 1^T G G^T 1, ||G||^2 = tr(G G^T)."""
-    (gram_a, err_a), (gram_g, err_g) = grams_a, grams_g
-    a_flat, g_flat = gram_a.flatten(1), gram_g.flatten(1)
-    # <A A^T, G G^T> by vecdot, not a (1, T^2) @ (T^2, 1) bmm
-    terms = NormTerms(torch.linalg.vecdot(a_flat, g_flat))
-    if bias:
-        terms.norm_sq = terms.norm_sq + g_flat.sum(1)
-    if err_a or err_g:  # each Gram entry is off by a relative error <= err: bound the error of what was summed
-        terms.norm_sq_error = relative_bound(err_a, err_g) * torch.linalg.vecdot(a_flat.abs(), g_flat.abs())
-        if bias:
-            terms.norm_sq_error = terms.norm_sq_error + relative_bound(err_g) * g_flat.abs().sum(1)
-    if u:  # ||[A, 1]||_2^2, the top eigenvalue of A A^T + J, is at most its Frobenius norm
-        frobenius_sq = square_sums(gram_a)
-        augmented_sq = frobenius_sq + 2 * a_flat.sum(1) + tokens**2 if bias else frobenius_sq
-        input_sq = augmented_sq.clamp(min=0).sqrt() + relative_bound(err_a) * frobenius_sq.sqrt()
-        grad_sq = (1 + relative_bound(err_g)) * gram_g.diagonal(dim1=1, dim2=2).sum(1)
-        terms.scaling_error_sq = u**2 * grad_sq * input_sq
+def _ghost_terms(inputs: InputGram, grams_g: tuple[torch.Tensor, float], u: float) -> NormTerms:
+    """||G^T [A, 1]||_F^2 = <[A, 1][A, 1]^T, G G^T> from the Gram matrices alone (E, T, T); ||G||_F^2 = tr(G G^T).
+
+    A Gram entry off by a relative error <= err moves the inner product by at most err times that of the absolute
+    values (`precision.relative_bound` combines both Grams' errors).
+    """
+    gram_g, err_g = grams_g
+    g_flat = gram_g.flatten(1)
+    # by vecdot, not a (1, T^2) @ (T^2, 1) bmm
+    terms = NormTerms(torch.linalg.vecdot(inputs.gram.flatten(1), g_flat))
+    if inputs.error or err_g:
+        abs_gram = inputs.abs_gram if inputs.abs_gram is not None else inputs.gram.abs()
+        terms.norm_sq_error = relative_bound(inputs.error, err_g) * torch.linalg.vecdot(
+            abs_gram.flatten(1), g_flat.abs()
+        )
+    if u:
+        grad_sq = gram_g.diagonal(dim1=1, dim2=2).sum(1)
+        terms.scaling_error_sq = grad_sq * inputs.spectral_sq * (u**2 * (1 + relative_bound(err_g)))
     return terms
 
 
