@@ -387,8 +387,9 @@ def parse_args(input_args=None):
         "--grad_sample_mode",
         choices=dp_utils.GRAD_SAMPLE_MODES,
         default="flash_bk",
-        help="flash_bk: one backward (book-keeping); flash: two backward passes, less memory; "
-        "opacus_ghost / opacus_hooks: Opacus' engines, as references (ghost needs --embedders freeze).",
+        help="flash_bk: one backward (book-keeping), peak memory as non-private training; flash: two backward "
+        "passes, a little less memory, slower; opacus_ghost / opacus_hooks: Opacus' engines, as references (ghost "
+        "needs --embedders freeze).",
     )
     dp.add_argument("--accountant", choices=["prv", "rdp"], default="prv", help="Opacus accountant.")
     dp.add_argument(
@@ -421,7 +422,9 @@ def parse_args(input_args=None):
     train.add_argument(
         "--gradient_checkpointing",
         action="store_true",
-        help="Whether or not to use gradient checkpointing to save memory at the expense of slower backward pass.",
+        help="Whether or not to use gradient checkpointing to save memory at the expense of slower backward pass. "
+        "The clipping engine then recomputes instead of storing (two backward passes): peak memory as non-private "
+        "training with checkpointing.",
     )
     train.add_argument(
         "--allow_tf32",

@@ -7,7 +7,7 @@ out=quickstart
 launch="accelerate launch --config_file accelerate_configs/cpu.yaml"
 train_flags=(--model_config examples/digits/dit_digits.json --train_data_dir "$out/cache" --logical_batch_size 256
              --max_physical_batch_size 256 --max_train_steps 400 --learning_rate 1e-3 --checkpointing_steps 0
-             --validation_steps 400 --num_validation_images 8 --report_to none)
+             --validation_steps 400 --num_validation_images 8 --report_to none --overwrite_output_dir)
 
 python examples/digits/prepare_digits.py --output_dir "$out/digits"
 python precompute_latents.py --train_data_dir "$out/digits" --vae none --resolution 8 --output_dir "$out/cache"
