@@ -55,8 +55,17 @@ def test_opacus_hooks_accounts_one_batch_per_step(tmp_path, pixel_pipeline, digi
     assert report["epsilon"] == pytest.approx(accountant.get_epsilon(delta=report["delta"]), rel=1e-6)
 
 
+@pytest.fixture
+def tf32_off():
+    """TF32 off for the test, restored after (torch.backends' flags are not plain attributes monkeypatch can undo)."""
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
 def test_gradient_checkpointing_and_tf32_train_the_same_steps(
-    tmp_path, pixel_pipeline, digits_cache, flash_bk_weights, monkeypatch
+    tmp_path, pixel_pipeline, digits_cache, flash_bk_weights, monkeypatch, tf32_off
 ):
     checkpointed = []
     original = torch.utils.checkpoint.checkpoint
@@ -66,8 +75,6 @@ def test_gradient_checkpointing_and_tf32_train_the_same_steps(
         return original(*args, **kwargs)
 
     monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", counting_checkpoint)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     out = tmp_path / "out"
     flags = [*CLIPPED, "--gradient_checkpointing", "--allow_tf32"]
     run_in_process(*pixel_args(pixel_pipeline, digits_cache, out, *flags))
