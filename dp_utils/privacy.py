@@ -46,6 +46,9 @@ GRAD_SAMPLE_MODES = (*MODES, "opacus_ghost", "opacus_hooks")
 
 ACCOUNTANTS = ("prv", "rdp", "gdp")  # Opacus' accountant registry
 MAX_NOISE_MULTIPLIER = 1e6  # Opacus' calibration gives up above it; the accountants overflow far above it
+# Opacus' PRV accountant: 0.2 s per epsilon at 0.5, 1.6 s at 0.3, 4.9 s at 0.2, minutes at 0.1 (q = 0.01, 1000 steps)
+MIN_PRV_NOISE_MULTIPLIER = 0.2
+PRV_CALIBRATION_FLOOR = 20 / 64  # the last point of Opacus' bisection (from 20) above MIN_PRV_NOISE_MULTIPLIER
 BUCKET_NUMEL = 25_000_000  # elements per all-reduce of the clipped sums
 
 
@@ -238,6 +241,12 @@ class PrivacyEngine:
             self._warn_large_delta(target_delta)
         if target_epsilon is not None:
             noise_multiplier = self._calibrate(target_epsilon, target_delta, sample_rate, epochs, steps)
+        elif 0 < noise_multiplier < MIN_PRV_NOISE_MULTIPLIER and self.accountant.mechanism() == "prv":
+            raise UserError(
+                f"noise_multiplier = {noise_multiplier} is below {MIN_PRV_NOISE_MULTIPLIER}, where the PRV accountant "
+                "takes minutes per epsilon (and the guarantee means little): use accountant 'rdp' (--accountant rdp) "
+                "or more noise."
+            )
         if poisson_sampling and distributed:
             seed = _shared_seed() if sampling_seed is None else sampling_seed
             data_loader = poisson_data_loader(data_loader, seed=seed, distributed=True)
@@ -304,24 +313,34 @@ class PrivacyEngine:
     def _calibrate(
         self, target_epsilon: float, target_delta: float, sample_rate: float, epochs: int | None, steps: int | None
     ) -> float:
-        """Opacus' noise calibration; a budget it cannot reach is the user's to change, so a UserError says how."""
+        """Opacus' noise calibration; a budget it cannot reach is the user's to change, so a UserError says how.
+
+        Opacus bisects from 0 on the points 20 / 2^k; its PRV accountant takes minutes per epsilon below a noise
+        multiplier of about 0.2, so a budget whose bisection would go below 20 / 64 is refused first.
+        """
+        steps = steps if steps is not None else int(epochs / sample_rate)
+        mechanism = self.accountant.mechanism()
+        calibration = dict(target_delta=target_delta, sample_rate=sample_rate, steps=steps)
         try:
             with _quiet_accountant():
-                return get_noise_multiplier(
-                    target_epsilon=target_epsilon,
-                    target_delta=target_delta,
-                    sample_rate=sample_rate,
-                    epochs=epochs,
-                    steps=steps,
-                    accountant=self.accountant.mechanism(),
-                )
+                if mechanism == "prv":
+                    floor = create_accountant(mechanism="prv")
+                    floor.history = [(PRV_CALIBRATION_FLOOR, sample_rate, steps)]
+                    if floor.get_epsilon(delta=target_delta) < target_epsilon:
+                        raise UserError(
+                            f"target_epsilon = {target_epsilon} needs a noise multiplier below "
+                            f"{PRV_CALIBRATION_FLOOR}, where the PRV accountant takes minutes per epsilon (and such "
+                            "a guarantee means little): use accountant 'rdp' (--accountant rdp), or a smaller "
+                            "target_epsilon."
+                        )
+                return get_noise_multiplier(target_epsilon=target_epsilon, accountant=mechanism, **calibration)
         except (ValueError, RuntimeError) as error:
-            total = steps if steps is not None else int(epochs / sample_rate)
+            if isinstance(error, UserError):
+                raise
             raise UserError(
                 f"No noise multiplier reaches target_epsilon = {target_epsilon} at target_delta = {target_delta} "
-                f"over {total} steps at sample rate q = {sample_rate:.4g} ({self.accountant.mechanism()} accountant: "
-                f"{error}). Allow a larger epsilon (or delta below 1 / N), train fewer steps or epochs, or use a "
-                "smaller logical batch."
+                f"over {steps} steps at sample rate q = {sample_rate:.4g} ({mechanism} accountant: {error}). Allow a "
+                "larger epsilon (or delta below 1 / N), train fewer steps or epochs, or use a smaller logical batch."
             ) from error
 
     def get_epsilon(self, delta: float) -> float:

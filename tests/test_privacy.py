@@ -411,3 +411,21 @@ def test_zero_grad_keeping_tensors_then_empty_batch_then_step():
         optimizer.zero_grad()
     assert len(optimizer.privacy_engine.accountant.history) == 1
     assert optimizer.privacy_engine.accountant.history[0][2] == 3
+
+
+def test_low_noise_is_refused_with_the_prv_accountant_before_it_hangs():
+    """Opacus' PRV accountant takes minutes per epsilon below sigma ~0.2: refused at once, with the way out."""
+    with pytest.raises(UserError, match="needs a noise multiplier below 0.3125.*--accountant rdp"):
+        setup(rows=400, batch_size=4, noise_multiplier=None, target_epsilon=1000, target_delta=1e-5, steps=1000)
+    with pytest.raises(UserError, match="noise_multiplier = 0.1 is below 0.2.*--accountant rdp"):
+        setup(rows=400, batch_size=4, noise_multiplier=0.1)
+    _, (_, optimizer, _, _) = setup(
+        rows=400,
+        batch_size=4,
+        noise_multiplier=None,
+        target_epsilon=1000,
+        target_delta=1e-5,
+        steps=1000,
+        accountant="rdp",
+    )
+    assert 0 < optimizer.noise_multiplier < 0.3125
