@@ -51,10 +51,6 @@ class RowGroups:
         self._position = position
 
     @property
-    def is_identity(self) -> bool:
-        return self._contiguous == 1
-
-    @property
     def max_rows(self) -> int:
         """Rows of the largest example."""
         return self._contiguous if self._contiguous is not None else self._max_rows
