@@ -161,7 +161,6 @@ class ClippingEngine:
         self._phase: str | None = None  # "norms" or "sums" while the engine drives a backward
         self._groups: RowGroups | None = None
         self._terms: list[NormTerms] = []  # per layer, summed when the clip factors are computed
-        self._counted: set[nn.Module] = set()  # layers whose norms are in _terms
         self._row_factors: _RowFactors | None = None
         self._two_pass = False
         self._handles = [
@@ -194,7 +193,6 @@ class ClippingEngine:
             )
         self._release()
         self._forward += 1
-        self._recomputed = False
 
     def _end_forward(self, module, args, output):
         self._last_cast, self._grad_forward = None, False
@@ -246,7 +244,7 @@ class ClippingEngine:
             self._release()
             return
         self._check_graph(losses)
-        self._groups, self._terms, self._counted = groups, [], set()
+        self._groups, self._terms = groups, []
         self._two_pass = self.mode == "flash" or self._recomputed
         anchors = list(self._anchors.values())
         # The last pass also reaches the parameters of layers whose input needs no gradient: autograd runs (and
@@ -286,7 +284,6 @@ class ClippingEngine:
         calls = self._calls[call.layer]
         if all(c.grad is not None for c in calls):
             self._add_norms(call.layer, calls)
-            self._counted.add(call.layer)
             if self._two_pass:
                 for c in calls:
                     c.release()
@@ -308,7 +305,7 @@ class ClippingEngine:
         """Per-row clip factor c_e(b) = min(1, C / (upper bound of ||g_e|| + 1e-6)), (B,)."""
         for layer, calls in self._calls.items():  # layers with calls whose output never reached the loss
             answered = [c for c in calls if c.grad is not None]
-            if answered and layer not in self._counted:
+            if 0 < len(answered) < len(calls):  # a layer all of whose calls answered is counted (or released) already
                 self._add_norms(layer, answered)
         terms = NormTerms.total(self._terms) if self._terms else NormTerms(losses.new_zeros(groups.num_examples))
         self.per_example_norms = terms.norm_sq.sqrt()

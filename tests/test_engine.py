@@ -198,3 +198,29 @@ def test_peft_lora_adapters_equal_naive_loop(tmp_path, mode):
     update, engine_norms = private_update(model, dit_losses, batch, max_grad_norm, mode, rows)
     torch.testing.assert_close(engine_norms, norms, rtol=1e-10, atol=0)
     assert relative_error(update, {n: e / rows for n, e in expected.items()}) < 1e-10
+
+
+class PartlyUsed(nn.Module):
+    """A layer called twice, one call's output never reaching the loss: only the other call is clipped."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer, self.head = nn.Linear(6, 5), nn.Linear(5, 3)
+
+    def forward(self, x):
+        self.layer(x * 2)
+        return self.head(torch.tanh(self.layer(x)))
+
+
+@pytest.mark.parametrize("mode", ["flash_bk", "flash"])
+def test_call_whose_output_never_reaches_the_loss(mode):
+    x, y = torch.randn(4, 6, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
+    torch.manual_seed(1)
+    expected, _ = naive_clipped_sum(
+        PartlyUsed().double(), lambda m, x, y: dp_utils.per_sample_mse(m(x), y), (x, y), 0.05, torch.arange(4)
+    )
+    torch.manual_seed(1)
+    update, _ = private_update(
+        PartlyUsed().double(), lambda m, x, y, criterion: criterion(m(x), y), (x, y), 0.05, mode, 4
+    )
+    assert relative_error(update, {n: e / 4 for n, e in expected.items()}) < 1e-10
