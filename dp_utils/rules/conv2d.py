@@ -8,7 +8,7 @@ from torch import nn
 
 from ..groups import RowGroups
 from ..precision import NormTerms
-from .linear import bias_sum, matmul_sum, weight_and_bias_norm
+from .linear import cat_tokens, weight_and_bias_norm, weight_and_bias_sums
 
 
 def conv2d_unsupported(module: nn.Conv2d) -> str | None:
@@ -29,19 +29,12 @@ def _patches(module: nn.Conv2d, calls: list) -> tuple[torch.Tensor, torch.Tensor
         cols = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=padding, stride=module.stride)
         a.append(cols.mT)  # (B, L, C*kh*kw)
         g.append(grad_out.flatten(2).mT)  # (B, L, O)
-    return torch.cat(a, 1), torch.cat(g, 1)
+    return cat_tokens(a), cat_tokens(g)
 
 
 def conv2d_norm(module: nn.Conv2d, calls: list, groups: RowGroups) -> NormTerms:
-    a, g = _patches(module, calls)
-    return weight_and_bias_norm(module, a, g, groups)
+    return weight_and_bias_norm(module, *_patches(module, calls), groups)
 
 
 def conv2d_summed_grads(module: nn.Conv2d, calls: list) -> dict[str, torch.Tensor]:
-    a, g = _patches(module, calls)
-    grads = {}
-    if module.weight.requires_grad:
-        grads["weight"] = matmul_sum(a, g).view_as(module.weight)
-    if module.bias is not None and module.bias.requires_grad:
-        grads["bias"] = bias_sum(g)
-    return grads
+    return weight_and_bias_sums(module, *_patches(module, calls))

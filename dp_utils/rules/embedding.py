@@ -10,6 +10,7 @@ from torch import nn
 
 from ..groups import RowGroups
 from ..precision import NormTerms, matmul, relative_bound, square_sums, unit_roundoff, upcast
+from .linear import cat_tokens
 
 
 def embedding_unsupported(module: nn.Embedding) -> str | None:
@@ -18,8 +19,8 @@ def embedding_unsupported(module: nn.Embedding) -> str | None:
 
 def _tokens(module: nn.Embedding, calls: list) -> tuple[torch.Tensor, torch.Tensor]:
     """Indices (B, T) and output gradients (B, T, p), calls concatenated; padding tokens get no gradient."""
-    idx = torch.cat([x.reshape(x.shape[0], -1) for x, _ in calls], 1)
-    g = torch.cat([y.reshape(y.shape[0], -1, y.shape[-1]) for _, y in calls], 1)
+    idx = cat_tokens([x.reshape(x.shape[0], -1) for x, _ in calls])
+    g = cat_tokens([y.reshape(y.shape[0], -1, y.shape[-1]) for _, y in calls])
     if module.padding_idx is not None:
         g = g * (idx != module.padding_idx).unsqueeze(-1).to(g.dtype)
     return idx, g

@@ -99,23 +99,31 @@ def bias_sum(g: torch.Tensor) -> torch.Tensor:
     return g.sum((0, 1), dtype=torch.promote_types(g.dtype, torch.float32))
 
 
-def tokens_of(calls: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inputs and output gradients of all calls as (B, T_total, d) and (B, T_total, p)."""
-    a = [x.reshape(x.shape[0], -1, x.shape[-1]) for x, _ in calls]
-    g = [y.reshape(y.shape[0], -1, y.shape[-1]) for _, y in calls]
-    return (a[0], g[0]) if len(calls) == 1 else (torch.cat(a, 1), torch.cat(g, 1))
+def cat_tokens(pieces: list[torch.Tensor]) -> torch.Tensor:
+    """Per-call (B, T_i, ...) pieces of a module's calls as one (B, sum T_i, ...): a reused module's calls are one
+    sequence of tokens per row. No copy for a single call."""
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, 1)
 
 
-def linear_norm(module: nn.Linear, calls: list, groups: RowGroups) -> NormTerms:
-    a, g = tokens_of(calls)
-    return weight_and_bias_norm(module, a, g, groups)
-
-
-def linear_summed_grads(module: nn.Linear, calls: list) -> dict[str, torch.Tensor]:
-    a, g = tokens_of(calls)
+def weight_and_bias_sums(module: nn.Module, a: torch.Tensor, g: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Summed gradients of the trainable weight (shaped like it) and bias, a (B, T, d), g (B, T, p)."""
     grads = {}
     if module.weight.requires_grad:
-        grads["weight"] = matmul_sum(a, g)
+        grads["weight"] = matmul_sum(a, g).view_as(module.weight)
     if module.bias is not None and module.bias.requires_grad:
         grads["bias"] = bias_sum(g)
     return grads
+
+
+def tokens_of(calls: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and output gradients of all calls as (B, T_total, d) and (B, T_total, p)."""
+    a = cat_tokens([x.reshape(x.shape[0], -1, x.shape[-1]) for x, _ in calls])
+    return a, cat_tokens([y.reshape(y.shape[0], -1, y.shape[-1]) for _, y in calls])
+
+
+def linear_norm(module: nn.Linear, calls: list, groups: RowGroups) -> NormTerms:
+    return weight_and_bias_norm(module, *tokens_of(calls), groups)
+
+
+def linear_summed_grads(module: nn.Linear, calls: list) -> dict[str, torch.Tensor]:
+    return weight_and_bias_sums(module, *tokens_of(calls))
