@@ -10,7 +10,7 @@ from oracle import dit_batch, dit_losses, naive_clipped_sum, private_update, rel
 from test_train_dp_dit import pixel_args, run_in_process, save_pixel_pipeline, transformer_weights
 
 import train_dp_dit
-from dp_utils.adapters import lora_config, load_lora_weights, select_trainable
+from dp_utils.adapters import load_lora_weights, lora_config, select_trainable
 from dp_utils.variance import variance_row_indices
 
 STEPS = ["--max_train_steps", 2, "--report_to", "none", "--checkpointing_steps", 0]
