@@ -105,6 +105,8 @@ def open_data_and_model(args):
             f"Resizing the label table to the dataset's {info['num_classes']} classes plus the null class: "
             f"{mapping.describe(info['class_names'])}."
         )
+        if mapping.new and args.embedders == "freeze":
+            logger.warning("The new classes' label rows stay at their initialisation: the embedders are frozen.")
     elif info["conditional"] and model.config.num_embeds_ada_norm != info["num_classes"]:
         logger.info(f"Resizing the label table to the dataset's {info['num_classes']} classes plus the null class.")
         resize_label_table(model, info["num_classes"])

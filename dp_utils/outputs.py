@@ -117,19 +117,22 @@ def model_card(report: dict) -> str:
         f"# DiT fine-tuned with DP-SGD\n\nTrained by `train_dp_dit.py` with {guarantee}\n\n"
         f"{report['steps']} steps of Poisson sampling at rate {report['sample_rate']:.4g} on "
         f"{report['dataset_size']} images, noise multiplier {report['noise_multiplier']:.4g}, clipping norm "
-        f"{report['max_grad_norm']} ({report['accountant']} accountant). Trained: {report['trained_parameters']:,} "
-        f"of {report['total_parameters']:,} parameters ({report['trainable']}: {', '.join(report['trained'])}); "
-        f"frozen: {', '.join(report['frozen']) or 'nothing'}. {_lora_note(report)}"
+        f"{report['max_grad_norm']} ({report['accountant']} accountant). {_trained_note(report)}"
         "The guarantee covers the training images, not the data of a pretrained checkpoint.\n\n"
         f"```json\n{json.dumps(report, indent=2)}\n```\n"
     )
 
 
-def _lora_note(report: dict) -> str:
-    """How to load the LoRA adapter of a --trainable lora run (DiTPipeline has no LoRA loader of its own)."""
+def _trained_note(report: dict) -> str:
+    """What was trained; for a LoRA run, how to load the adapter (DiTPipeline has no LoRA loader of its own)."""
+    trained = f"{report['trainable']}: {', '.join(report['trained'])}" if report["frozen"] else "every parameter"
+    text = f"Trained: {report['trained_parameters']:,} of {report['total_parameters']:,} parameters ({trained})"
+    if report["fixed_rows"]:
+        text += f", the variance rows of {', '.join(report['fixed_rows'])} kept as loaded"
+    text += ". "
     if report["trainable"] != "lora":
-        return ""
-    return (
+        return text
+    return text + (
         f"The LoRA adapter (rank {report['lora']['rank']}, alpha {report['lora']['alpha']:g}) is in "
         "`pytorch_lora_weights.safetensors`, diffusers' LoRA layout, for the transformer of the checkpoint it was "
         "trained from: `dp_utils.adapters.load_lora_weights(pipeline.transformer, folder)`, or diffusers' "

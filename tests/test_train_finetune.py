@@ -11,6 +11,7 @@ from test_train_dp_dit import pixel_args, run_in_process, save_pixel_pipeline, t
 
 import train_dp_dit
 from dp_utils.adapters import load_lora_weights, lora_config, select_trainable
+from dp_utils.errors import UserError
 from dp_utils.variance import variance_row_indices
 
 STEPS = ["--max_train_steps", 2, "--report_to", "none", "--checkpointing_steps", 0]
@@ -155,3 +156,26 @@ def test_lora_saves_the_adapter_alone_unless_it_cannot_reproduce_the_model(
     merged = tmp_path / "merged"
     run_in_process(*lora_args(pixel_pipeline, digits_cache, merged))  # new classes: a refitted label table
     assert (merged / "pytorch_lora_weights.safetensors").is_file() and (merged / "transformer").is_dir()
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--trainable", "lora", "--embedders", "train"], "--embedders train with --trainable lora"),
+        (["--save_merged"], "--save_merged merges LoRA adapters: it needs --trainable lora"),
+        (["--trainable", "lora", "--lora_rank", "0"], "--lora_rank must be >= 1"),
+        (["--trainable", "lora", "--lora_alpha", "nan"], "--lora_alpha must be finite and > 0"),
+    ],
+)
+def test_bad_adapter_flags_are_refused(flags, message):
+    with pytest.raises(UserError, match=message):
+        train_dp_dit.parse_args(
+            ["--model_config", "DiT-S/2", "--train_data_dir", "c", "--noise_multiplier", "1", *flags]
+        )
+
+
+def test_embedders_default_to_trained_in_full_mode_only():
+    base = ["--model_config", "DiT-S/2", "--train_data_dir", "c", "--noise_multiplier", "1"]
+    assert train_dp_dit.parse_args(base).embedders == "train"
+    assert train_dp_dit.parse_args([*base, "--trainable", "attention"]).embedders == "freeze"
+    assert train_dp_dit.parse_args([*base, "--trainable", "attention", "--embedders", "train"]).embedders == "train"
