@@ -45,7 +45,6 @@ from dp_utils.model import (
     dit_from_preset,
     drop_labels,
     fit_label_table,
-    resize_label_table,
 )
 from dp_utils.outputs import log_validation, save_pipeline
 from dp_utils.sampling import PoissonBatchSampler
@@ -97,9 +96,9 @@ def open_data_and_model(args):
     """The DiT with its label table fitted to the cache's classes, and the cache as a dataset, validated together."""
     info = load_latent_cache(args.train_data_dir)[1]  # a missing or stale cache is a UserError there
     model, scheduler, vae = load_model(args, info)
-    mapping = None
-    if info["conditional"] and args.pretrained_model_name_or_path:  # keep the classes the checkpoint knows
-        id2label = checkpoint_id2label(args.pretrained_model_name_or_path, model)
+    mapping, pretrained = None, args.pretrained_model_name_or_path
+    if info["conditional"]:  # the checkpoint's rows of the dataset's classes are kept, matched by name
+        id2label = checkpoint_id2label(pretrained, model) if pretrained else None
         mapping = fit_label_table(model, info["class_names"], id2label, args.new_class_init)
         logger.info(
             f"Resizing the label table to the dataset's {info['num_classes']} classes plus the null class: "
@@ -107,11 +106,8 @@ def open_data_and_model(args):
         )
         if mapping.new and args.embedders == "freeze":
             logger.warning("The new classes' label rows stay at their initialisation: the embedders are frozen.")
-    elif info["conditional"] and model.config.num_embeds_ada_norm != info["num_classes"]:
-        logger.info(f"Resizing the label table to the dataset's {info['num_classes']} classes plus the null class.")
-        resize_label_table(model, info["num_classes"])
-    adapter_is_enough = args.pretrained_model_name_or_path and (mapping is None or mapping.identity)
-    if args.trainable == "lora" and not args.save_merged and not adapter_is_enough:
+    adapter_suffices = pretrained and (mapping is None or mapping.identity)  # the checkpoint + the adapter
+    if args.trainable == "lora" and not args.save_merged and not adapter_suffices:
         logger.warning(
             "The LoRA adapter alone cannot reproduce this model (its label table or base is not the checkpoint's): "
             "the merged pipeline is saved too (--save_merged)."

@@ -145,7 +145,8 @@ def fit_label_table(
     """Refit every label table to the dataset's classes: rows of matching checkpoint classes are kept, new classes
     start from the null row, the mean of the checkpoint's class rows, or a named checkpoint class."""
     mapping, sources = match_classes(class_names, id2label, model.config.num_embeds_ada_norm, new_class_init)
-    _rebuild_label_tables(model, sources)
+    if not (mapping.identity and len(class_names) == model.config.num_embeds_ada_norm):  # else: nothing to change
+        _rebuild_label_tables(model, sources)
     return mapping
 
 
