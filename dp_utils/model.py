@@ -57,13 +57,15 @@ def resize_label_table(model: DiTTransformer2DModel, num_classes: int, keep_clas
     model.register_to_config(num_embeds_ada_norm=num_classes)
 
 
-def pad_label_table_for_pipeline(model: DiTTransformer2DModel) -> None:
+def pad_label_table_for_pipeline(model: DiTTransformer2DModel, keep_classes: bool = True) -> None:
     """DiTPipeline hard-codes the null class as id 1000: pad a smaller table with null rows so guidance works.
 
-    Class ids 0..n-1 stay the trained classes; ids n..999 act as the null class.
+    Class ids 0..n-1 stay the trained classes; ids n..999 act as the null class (an embedding cannot refuse an id;
+    the pipeline's `get_label_ids` refuses names that are not classes). An unconditional model
+    (`keep_classes=False`) gets null rows only, so that any id samples from it.
     """
     if model.config.num_embeds_ada_norm < PIPELINE_NULL_CLASS:
-        resize_label_table(model, PIPELINE_NULL_CLASS, keep_classes=True)
+        resize_label_table(model, PIPELINE_NULL_CLASS, keep_classes=keep_classes)
 
 
 def disable_label_dropout(model: DiTTransformer2DModel) -> None:

@@ -3,12 +3,11 @@
 import json
 import os
 import shutil
-import socket
 import subprocess
 
 import pytest
 import torch
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, free_port
 from diffusers import DDPMScheduler, DiTPipeline, DiTTransformer2DModel, DPMSolverMultistepScheduler
 
 import train_dp_dit
@@ -46,9 +45,7 @@ def latent_pipeline(tmp_path_factory, tiny_vae_path):
 
 def launch(args, tmp_path, processes=1):
     """`accelerate launch train_dp_dit.py ...` on CPU; returns the finished process."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     distributed = ["--multi_gpu", "--num_processes", "2"] if processes == 2 else ["--num_processes", "1", "--cpu"]
     command = [
         "accelerate",
@@ -75,7 +72,7 @@ def pixel_args(pipeline, cache, out, *extra):
     return [
         "--pretrained_model_name_or_path",
         pipeline,
-        "--train_data_dir",
+        "--latent_cache",
         cache,
         "--output_dir",
         out,
@@ -140,7 +137,7 @@ def test_latent_run_loads_as_dit_pipeline(tmp_path, latent_pipeline, photo_cache
     args = [
         "--pretrained_model_name_or_path",
         latent_pipeline,
-        "--train_data_dir",
+        "--latent_cache",
         photo_cache,
         "--output_dir",
         out,
@@ -217,7 +214,7 @@ def test_bad_inputs_fail_before_training(tmp_path, pixel_pipeline, latent_pipeli
         run_in_process(
             "--pretrained_model_name_or_path",
             latent_pipeline,
-            "--train_data_dir",
+            "--latent_cache",
             digits_cache,
             "--output_dir",
             out,
@@ -236,9 +233,9 @@ def test_bad_inputs_fail_before_training(tmp_path, pixel_pipeline, latent_pipeli
         run_in_process(*pixel_args(pixel_pipeline, tampered, out, "--noise_multiplier", 1, "--report_to", "none"))
     assert not out.exists()
     with pytest.raises(ValueError, match="exactly one of --pretrained_model_name_or_path or --model_config"):
-        train_dp_dit.parse_args(["--train_data_dir", str(digits_cache), "--noise_multiplier", "1"])
+        train_dp_dit.parse_args(["--latent_cache", str(digits_cache), "--noise_multiplier", "1"])
     with pytest.raises(SystemExit):  # a budget is required: --target_epsilon or --noise_multiplier
-        train_dp_dit.parse_args(["--model_config", "DiT-S/2", "--train_data_dir", str(digits_cache)])
+        train_dp_dit.parse_args(["--model_config", "DiT-S/2", "--latent_cache", str(digits_cache)])
 
 
 def test_resume_with_other_privacy_flags_is_refused(tmp_path, pixel_pipeline, digits_cache):
