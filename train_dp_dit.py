@@ -306,7 +306,8 @@ def finish(args, accelerator, run: Run, epsilon: float, repo_id: str | None) -> 
             world_size=world,
         )
         grid = validate(args, accelerator, run) if args.validation_steps else None
-        save_pipeline(args, run.transformer, run.ema, run.scheduler, run.vae, run.dataset, report, grid)
+        location = repo_id or args.output_dir
+        save_pipeline(args, run.transformer, run.ema, run.scheduler, run.vae, run.dataset, report, grid, location)
         logger.info(
             f"Saved the pipeline, privacy_report.json and README.md to {args.output_dir}; epsilon {epsilon:.3f}"
         )

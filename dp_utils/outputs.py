@@ -88,8 +88,10 @@ def log_validation(args, accelerator, model, ema, scheduler, vae, classes, class
     return path
 
 
-def save_pipeline(args, model, ema, scheduler, vae, dataset, report: dict, grid: Path | None) -> None:
+def save_pipeline(args, model, ema, scheduler, vae, dataset, report: dict, grid: Path | None, location: str) -> None:
     """A folder DiTPipeline.from_pretrained loads (class names included), the privacy report and the model card.
+
+    `location` is what the card tells users to load: the Hub repository, or the output folder.
 
     DiTPipeline does not save the `id2label` it is built with, but it reads `id2label` from model_index.json:
     registering it there makes `DiTPipeline.from_pretrained(out).get_label_ids([name])` work. A pixel-space
@@ -113,6 +115,6 @@ def save_pipeline(args, model, ema, scheduler, vae, dataset, report: dict, grid:
         class_names=dataset.class_names if dataset.conditional else None,
         grid=grid.relative_to(out).as_posix() if grid is not None else None,
         license=base_model_license(args.pretrained_model_name_or_path, args.revision, args.cache_dir),
-        location=args.hub_model_id if args.push_to_hub else str(out),
+        location=location,
     )
     card.save(out / "README.md")
