@@ -74,8 +74,8 @@ def model_card(
         )
         labels = f"pipe.get_label_ids([{class_names[0]!r}])"
     else:
-        classes = "Unconditional: every class id gives the same model (sample with guidance_scale=1)."
-        labels = "[0]"
+        classes = "Unconditional: trained on the null class only, id 1000 in DiTPipeline (sample without guidance)."
+        labels = "[1000]"
     guidance = 4.0 if class_names else 1.0
     sections = [
         f"# {title}",
