@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Encode an image dataset once into a latent cache for DP-DiT training.
 
-    python precompute_latents.py --train_data_dir ./photos --resolution 256 --flip --output_dir ./latents
+    python precompute_latents.py --train_data_dir ./photos --resolution 256 --random_flip --output_dir ./latents
     accelerate launch --num_processes 4 precompute_latents.py --dataset_name ./my_dataset --output_dir ./latents
     python precompute_latents.py --train_data_dir ./digits --vae none --resolution 8 --output_dir ./digits_cache
 
@@ -9,8 +9,9 @@
 `--cpu` would start only one.)
 
 Each row of the cache holds one image's VAE latent distribution (mean and std, multiplied by the VAE's scaling factor)
-and, with --flip, that of its mirrored copy too: under DP the unit of privacy is one row, so every augmentation of an
-image must live in its row. Training draws a fresh `mean + std * randn` per step (`dp_utils.data.LatentDataset`).
+and, with --random_flip, that of its mirrored copy too: under DP the unit of privacy is one row, so every
+augmentation of an image must live in its row. Training draws a fresh `mean + std * randn` per step
+(`dp_utils.data.LatentDataset`).
 
 The input is split into shards of --shard_size images; each shard is saved, then marked finished, so a killed run
 resumes from the finished shards, and several processes (`accelerate launch`) split the shards between them. The main
@@ -190,7 +191,7 @@ def encode_shard(
 ) -> tuple[dict[str, list], list[dict], str]:
     """Encode input images `start..end`: the cache columns of the readable ones, what was skipped and why, and the
     fingerprint of the bytes that were read."""
-    num_views = 2 if args.flip else 1
+    num_views = 2 if args.random_flip else 1
     loader = torch.utils.data.DataLoader(
         ImageRows(source, start, end, args.resolution),
         batch_size=args.batch_size,
@@ -215,7 +216,7 @@ def encode_shard(
         progress.update(len(batch))
         if not good:
             continue
-        x = to_model_input(torch.stack([p for _, p in good]), args.flip)  # (B, V, 3, H, W)
+        x = to_model_input(torch.stack([p for _, p in good]), args.random_flip)  # (B, V, 3, H, W)
         if vae is None:
             mean, std = x, None
         else:
@@ -299,9 +300,11 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         "downsampling factor; the default %(default)s gives 32x32 latents with the SD VAE).",
     )
     model.add_argument(
+        "--random_flip",
         "--flip",
         action="store_true",
-        help="Also encode the mirrored image, into the same row (so augmentation stays in the row).",
+        help="Also encode the mirrored image, into the same row, so that training flips at random (the "
+        "augmentation stays in the image's row, the unit of privacy). --flip is the former name.",
     )
     model.add_argument(
         "--mixed_precision",
@@ -388,7 +391,7 @@ def main(args: argparse.Namespace) -> None:
     factor = 1 if pixel_space else 2 ** (len(vae_config["block_out_channels"]) - 1)
     channels = 3 if pixel_space else vae_config["latent_channels"]
     latent_shape = [channels, args.resolution // factor, args.resolution // factor]
-    num_views = 2 if args.flip else 1
+    num_views = 2 if args.random_flip else 1
     vae_id = vae_kwargs.get("pretrained_model_name_or_path")
     settings = {
         "format_version": CACHE_FORMAT_VERSION,
@@ -401,7 +404,7 @@ def main(args: argparse.Namespace) -> None:
         "vae": os.path.abspath(vae_id) if vae_id and os.path.isdir(vae_id) else vae_id,
         "vae_subfolder": vae_kwargs.get("subfolder"),
         "resolution": args.resolution,
-        "flip": args.flip,
+        "flip": args.random_flip,
         "mixed_precision": "no" if pixel_space else args.mixed_precision,
         "shard_size": args.shard_size,
     }
@@ -478,7 +481,7 @@ def main(args: argparse.Namespace) -> None:
             "latent_shape": latent_shape,
             "channels": channels,
             "num_views": num_views,
-            "flip": args.flip,
+            "flip": args.random_flip,
             "resolution": args.resolution,
             "pixel_space": pixel_space,
             "vae": settings["vae"],

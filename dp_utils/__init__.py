@@ -3,7 +3,7 @@
 from opacus.utils.batch_memory_manager import BatchMemoryManager
 
 from .engine import ClippingEngine, UnsupportedModuleError
-from .freezing import freeze_embedders, freeze_reused_modules
+from .freezing import freeze_embedders
 from .groups import RowGroups
 from .losses import DPCriterion, DPLoss, per_sample_mse
 from .privacy import GRAD_SAMPLE_MODES, PrivacyEngine, make_private
@@ -20,7 +20,6 @@ __all__ = [
     "RowGroups",
     "UnsupportedModuleError",
     "freeze_embedders",
-    "freeze_reused_modules",
     "make_private",
     "per_sample_mse",
     "poisson_data_loader",

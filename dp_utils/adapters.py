@@ -147,6 +147,15 @@ def load_lora_weights(model: nn.Module, path: str | Path) -> nn.Module:
     config = {k.removeprefix(prefix): v for k, v in metadata.items() if k.startswith(prefix)}
     config = {k: v for k, v in config.items() if k in LoraConfig.__dataclass_fields__}
     inject_adapter_in_model(LoraConfig(**config), model)
+    return set_lora_weights(model, path)
+
+
+def set_lora_weights(model: nn.Module, path: str | Path) -> nn.Module:
+    """Copy a `save_lora_weights` file's values into a model that already has the same adapters (resume)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / LORA_WEIGHT_NAME_SAFE
+    prefix = f"{LORA_PREFIX}."
     weights = {k.removeprefix(prefix): v for k, v in load_file(str(path)).items() if k.startswith(prefix)}
     result = set_peft_model_state_dict(model, weights)
     if result.unexpected_keys:

@@ -1,7 +1,12 @@
 """Checkpoints that are complete or absent: saved to a temporary folder, renamed to checkpoint-<step> when done.
 
 A save killed midway leaves only a temporary folder, which `--resume_from_checkpoint latest` never picks; the
-oldest checkpoints are deleted (`--checkpoints_total_limit`) only after the new one is complete.
+oldest checkpoints are deleted (`--checkpoints_total_limit`) only after the new one is complete. As in diffusers'
+training scripts, `checkpoint-<step>/transformer/` (and `transformer_ema/`) are `save_pretrained` folders that
+`DiTTransformer2DModel.from_pretrained` loads; the rest (optimizer, lr schedule, TrainState, every rank's RNG) is
+Accelerate's. A LoRA run's `transformer/` holds its adapter (`pytorch_lora_weights.safetensors`, for the base it
+was trained from; the frozen base is rebuilt the same way on resume) and its EMA is Accelerate's too.
+Checkpoints hold RNG states that replay the run's draws: they are never published (see hub.py).
 """
 
 from __future__ import annotations
@@ -13,7 +18,10 @@ import shutil
 from pathlib import Path
 
 from accelerate import Accelerator
+from diffusers import DiTTransformer2DModel
+from diffusers.training_utils import EMAModel
 
+from .adapters import save_lora_weights, set_lora_weights
 from .errors import UserError
 
 CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)")
@@ -40,6 +48,42 @@ class TrainState:
                     "dataset and DP flags (--target_epsilon, --noise_multiplier, --logical_batch_size, ...)."
                 )
         self.step, self.accountant_history = state["step"], state["accountant_history"]
+
+
+def register_pretrained_hooks(accelerator: Accelerator, transformer: DiTTransformer2DModel, ema: EMAModel | None):
+    """Save and load the transformer (and its EMA) in checkpoints as `save_pretrained` folders.
+
+    The transformer is not `accelerator.prepare`d (the DP optimizer does its own all-reduce), so the hooks save
+    it themselves; loading copies the weights in place, keeping the optimizer's references to the parameters.
+    """
+
+    lora = hasattr(transformer, "peft_config")  # a plain DiT config cannot describe the adapters
+
+    def save_hook(models, weights, output_dir):
+        if not accelerator.is_main_process:
+            return
+        if lora:
+            save_lora_weights(transformer, Path(output_dir) / "transformer")
+            return
+        transformer.save_pretrained(Path(output_dir) / "transformer")
+        if ema is not None:
+            ema.save_pretrained(str(Path(output_dir) / "transformer_ema"))
+
+    def load_hook(models, input_dir):
+        if lora:
+            set_lora_weights(transformer, Path(input_dir) / "transformer")
+            return
+        saved = type(transformer).from_pretrained(Path(input_dir) / "transformer")
+        transformer.load_state_dict(saved.state_dict())
+        if ema is not None:
+            saved_ema = EMAModel.from_pretrained(str(Path(input_dir) / "transformer_ema"), type(transformer))
+            ema.load_state_dict(saved_ema.state_dict())
+            ema.to(accelerator.device)
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+    if lora and ema is not None:  # its shadow weights follow the adapted model's parameters, not a plain DiT's
+        accelerator.register_for_checkpointing(ema)
 
 
 def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from .errors import UserError
-from .images import ImageSource
+from .images import IMAGE_EXTENSIONS, ImageSource
 
 CACHE_INFO_NAME = "cache_info.json"
 CACHE_FORMAT_VERSION = 1
@@ -59,6 +59,12 @@ def load_latent_cache(cache_dir: str | os.PathLike) -> tuple[datasets.Dataset, d
     cache_dir = Path(cache_dir)
     info_path = cache_dir / CACHE_INFO_NAME
     if not info_path.is_file():
+        if holds_images(cache_dir):
+            raise CacheNotFoundError(
+                f"{cache_dir} is an image folder, not a latent cache. Encode it first: `python precompute_latents.py "
+                f"--train_data_dir {cache_dir} --output_dir <a new folder> ...` (see --help), then train on that "
+                "folder."
+            )
         unfinished = (
             " (it holds unfinished shards: run it again to resume)" if (cache_dir / SHARDS_DIR).is_dir() else ""
         )
@@ -79,6 +85,14 @@ def load_latent_cache(cache_dir: str | os.PathLike) -> tuple[datasets.Dataset, d
             "it was modified after it was written. Re-create it with precompute_latents.py."
         )
     return dataset, info
+
+
+def holds_images(folder: Path) -> bool:
+    """Whether `folder` or one of its sub-folders (a class folder) holds image files."""
+    if not folder.is_dir():
+        return False
+    candidates = [*folder.iterdir(), *(p for d in folder.iterdir() if d.is_dir() for p in d.iterdir())]
+    return any(p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS for p in candidates)
 
 
 def read_output_dir(output_dir: Path) -> tuple[dict | None, bool]:
@@ -304,6 +318,13 @@ class LatentDataset(torch.utils.data.Dataset):
         self.random_flip = random_flip
         columns = ["mean"] + ([] if self.pixel_space else ["std"]) + (["label"] if self.conditional else [])
         self._rows = self.dataset.with_format("numpy", columns=columns)
+
+    def select_random_rows(self, num_rows: int, seed: int) -> None:
+        """Keep `num_rows` rows drawn at random (seeded), as diffusers' --max_train_samples keeps a shuffled subset."""
+        order = torch.randperm(self.num_rows, generator=torch.Generator().manual_seed(seed))
+        rows = order[:num_rows].sort().values.tolist()  # cache order: sequential reads
+        self.dataset, self._rows = self.dataset.select(rows), self._rows.select(rows)
+        self.num_rows = len(rows)
 
     def __len__(self) -> int:
         return self.num_rows

@@ -32,22 +32,12 @@ class DPLoss:
     def backward(self) -> None:
         self._backward()
 
-    @property
-    def shape(self) -> torch.Size:
-        return self.losses.shape
-
     def detach(self) -> torch.Tensor:
         return self.losses.detach()
 
-    def mean(self) -> torch.Tensor:
-        return self.losses.detach().mean()
-
     def item(self) -> float:
         """Mean loss over the rows, for logging."""
-        return self.mean().item()
-
-    def __repr__(self) -> str:
-        return f"DPLoss(mean={self.item():.4g}, rows={len(self.losses)})"
+        return self.losses.detach().mean().item()
 
 
 class DPCriterion:

@@ -151,8 +151,9 @@ def fit_label_table(
 
 
 def checkpoint_id2label(pretrained_model_name_or_path: str, model: DiTTransformer2DModel) -> dict[int, str] | None:
-    """The checkpoint's class names: from its transformer config (as the trainer saves them) or, for a Hub DiT
-    pipeline, its model_index.json; None when it has none. The one place that knows where they are saved."""
+    """The checkpoint's class names: from its pipeline's model_index.json (where the trainer saves them, as
+    DiTPipeline.from_pretrained reads them) or a transformer config that carries them; None when it has none. The
+    one place that knows where they are saved."""
     id2label = model.config.get("id2label")
     if id2label is None:
         try:
@@ -162,13 +163,15 @@ def checkpoint_id2label(pretrained_model_name_or_path: str, model: DiTTransforme
     return {int(k): v for k, v in id2label.items()} if id2label else None
 
 
-def pad_label_table_for_pipeline(model: DiTTransformer2DModel) -> None:
+def pad_label_table_for_pipeline(model: DiTTransformer2DModel, keep_classes: bool = True) -> None:
     """DiTPipeline hard-codes the null class as id 1000: pad a smaller table with null rows so guidance works.
 
-    Class ids 0..n-1 stay the trained classes; ids n..999 act as the null class.
+    Class ids 0..n-1 stay the trained classes; ids n..999 act as the null class (an embedding cannot refuse an id;
+    the pipeline's `get_label_ids` refuses names that are not classes). An unconditional model
+    (`keep_classes=False`) gets null rows only, so that any id samples from it.
     """
     if model.config.num_embeds_ada_norm < PIPELINE_NULL_CLASS:
-        resize_label_table(model, PIPELINE_NULL_CLASS, keep_classes=True)
+        resize_label_table(model, PIPELINE_NULL_CLASS, keep_classes=keep_classes)
 
 
 def disable_label_dropout(model: DiTTransformer2DModel) -> None:

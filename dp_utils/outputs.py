@@ -8,11 +8,13 @@ from pathlib import Path
 
 import torch
 from diffusers import DDPMScheduler, DiTPipeline, DPMSolverMultistepScheduler
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from .adapters import merge_lora, save_lora_weights
 from .generation import generate
 from .model import pad_label_table_for_pipeline
+from .model_card import base_model_license, model_card
+from .pixel_vae import identity_vae
 
 
 def sampling_scheduler(scheduler: DDPMScheduler, pixel_space: bool) -> DPMSolverMultistepScheduler:
@@ -26,21 +28,34 @@ def sampling_scheduler(scheduler: DDPMScheduler, pixel_space: bool) -> DPMSolver
     return DPMSolverMultistepScheduler.from_config(scheduler.config)
 
 
-def save_grid(images: torch.Tensor, path: Path, columns: int = 8) -> Image.Image:
-    """Images (N, C, H, W) in [0, 1] as one PNG grid."""
+TILE = 128  # smallest side of a grid tile: small samples are upscaled (nearest) to stay visible
+GAP = 4  # white pixels between tiles
+
+
+def save_grid(images: torch.Tensor, row_names: list[str], path: Path) -> Image.Image:
+    """Images (N, C, H, W) in [0, 1], one row per name (N / len(row_names) each), as a labelled PNG grid."""
     n, c, h, w = images.shape
-    rows = math.ceil(n / columns)
-    grid = torch.ones(c, rows * h, columns * w)
-    for i, image in enumerate(images.cpu()):
-        grid[:, (i // columns) * h : (i // columns + 1) * h, (i % columns) * w : (i % columns + 1) * w] = image
-    array = (grid.permute(1, 2, 0) * 255).round().byte().numpy()
-    picture = Image.fromarray(array[..., 0] if c == 1 else array[..., :3])
+    columns = n // len(row_names)
+    scale = max(1, math.ceil(TILE / max(h, w)))
+    font = ImageFont.load_default(size=14)
+    label_width = max(font.getbbox(name)[2] for name in row_names) + 2 * GAP
+    tile_w, tile_h = w * scale + GAP, h * scale + GAP
+    grid = Image.new("RGB", (label_width + columns * tile_w, len(row_names) * tile_h + GAP), "white")
+    draw = ImageDraw.Draw(grid)
+    pixels = (images.cpu().float().clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()  # (N, H, W, C)
+    for i, array in enumerate(pixels):
+        row, column = divmod(i, columns)
+        tile = Image.fromarray(array[..., 0] if c == 1 else array[..., :3]).convert("RGB")
+        tile = tile.resize((w * scale, h * scale), Image.NEAREST)
+        grid.paste(tile, (label_width + column * tile_w, GAP + row * tile_h))
+    for row, name in enumerate(row_names):
+        draw.text((GAP, GAP + row * tile_h + h * scale // 2), name, fill="black", font=font, anchor="lm")
     path.parent.mkdir(parents=True, exist_ok=True)
-    picture.save(path)
-    return picture
+    grid.save(path)
+    return grid
 
 
-def log_validation(args, accelerator, model, ema, scheduler, vae, classes, null_label, step) -> None:
+def log_validation(args, accelerator, model, ema, scheduler, vae, classes, class_names, null_label, step) -> Path:
     """A sample grid with the EMA weights, saved as PNG and sent to the trackers."""
     if ema is not None:
         ema.store(model.parameters())
@@ -62,7 +77,8 @@ def log_validation(args, accelerator, model, ema, scheduler, vae, classes, null_
     model.train()
     if ema is not None:
         ema.restore(model.parameters())
-    save_grid(images, Path(args.output_dir) / "samples" / f"step-{step:06d}.png", columns=args.num_validation_images)
+    path = Path(args.output_dir) / "samples" / f"step-{step:06d}.png"
+    save_grid(images, [class_names[c] if class_names else "unconditional" for c in classes], path)
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
             tracker.writer.add_images("validation", images.numpy(), step, dataformats="NCHW")
@@ -70,72 +86,42 @@ def log_validation(args, accelerator, model, ema, scheduler, vae, classes, null_
             import wandb
 
             tracker.log({"validation": [wandb.Image(image.permute(1, 2, 0).numpy()) for image in images]}, step=step)
+    return path
 
 
-def save_pipeline(args, model, ema, scheduler, vae, dataset, report) -> None:
-    """A folder DiTPipeline.from_pretrained loads, the privacy report and a model card stating the guarantee."""
+def save_pipeline(args, model, ema, scheduler, vae, dataset, report: dict, grid: Path | None, location: str) -> None:
+    """A folder DiTPipeline.from_pretrained loads (class names included), the privacy report and the model card.
+
+    `location` is what the card tells users to load: the Hub repository, or the output folder.
+
+    DiTPipeline does not save the `id2label` it is built with, but it reads `id2label` from model_index.json:
+    registering it there makes `DiTPipeline.from_pretrained(out).get_label_ids([name])` work. A pixel-space
+    model gets an AutoencoderKL that decodes to its input (dp_utils/pixel_vae.py), so it loads the same way.
+    A LoRA run saves its adapter (diffusers' LoRA layout), and the merged pipeline only with --save_merged.
+    """
     out = Path(args.output_dir)
     if ema is not None:
         ema.copy_to(model.parameters())  # sampling uses the EMA weights
-    if report["trainable"] == "lora":
+    lora = report["trainable"] == "lora"
+    if lora:
         save_lora_weights(model, out)
         merge_lora(model)
-    if report["trainable"] != "lora" or args.save_merged:
-        pad_label_table_for_pipeline(model)
+    if not lora or args.save_merged:
+        pad_label_table_for_pipeline(model, keep_classes=dataset.conditional)
+        if vae is None:
+            vae = identity_vae(model.config.in_channels)
         id2label = dict(enumerate(dataset.class_names)) if dataset.conditional else None
+        pipeline = DiTPipeline(model, vae, sampling_scheduler(scheduler, dataset.pixel_space), id2label=id2label)
         if id2label is not None:
-            model.register_to_config(id2label=id2label)  # read back by model.checkpoint_id2label when fine-tuned
-        if vae is not None:
-            DiTPipeline(
-                transformer=model,
-                vae=vae,
-                scheduler=sampling_scheduler(scheduler, pixel_space=False),
-                id2label=id2label,
-            ).save_pretrained(out)
-        else:  # pixel space: no VAE to decode with; the transformer and scheduler are the model
-            model.save_pretrained(out / "transformer")
-            sampling_scheduler(scheduler, pixel_space=True).save_pretrained(out / "scheduler")
+            pipeline.register_to_config(id2label=id2label)  # read back by model.checkpoint_id2label when fine-tuned
+        pipeline.save_pretrained(out)
     (out / "privacy_report.json").write_text(json.dumps(report, indent=2))
-    (out / "README.md").write_text(model_card(report))
-
-
-def model_card(report: dict) -> str:
-    """The README.md of a trained model: the guarantee, how it was trained, and the full privacy report."""
-    if report["epsilon"] is None:
-        guarantee = "**no privacy guarantee**: it was trained without noise (the non-private baseline)."
-    else:
-        guarantee = (
-            f"**({report['epsilon']:.3g}, {report['delta']:.3g})-differential privacy** with respect to the addition "
-            "or removal of **one training image** (one row of the latent cache, its mirrored view included)."
-        )
-        if report["weak_delta_accepted"]:
-            guarantee += (
-                f" **A weak guarantee**: delta is at least 1/N = 1/{report['dataset_size']} (accepted with "
-                "`--accept_weak_delta`); a mechanism that publishes one training image in full meets such a delta."
-            )
-    return (
-        f"# DiT fine-tuned with DP-SGD\n\nTrained by `train_dp_dit.py` with {guarantee}\n\n"
-        f"{report['steps']} steps of Poisson sampling at rate {report['sample_rate']:.4g} on "
-        f"{report['dataset_size']} images, noise multiplier {report['noise_multiplier']:.4g}, clipping norm "
-        f"{report['max_grad_norm']} ({report['accountant']} accountant). {_trained_note(report)}"
-        "The guarantee covers the training images, not the data of a pretrained checkpoint.\n\n"
-        f"```json\n{json.dumps(report, indent=2)}\n```\n"
+    card = model_card(
+        report,
+        base_model=args.pretrained_model_name_or_path,
+        class_names=dataset.class_names if dataset.conditional else None,
+        grid=grid.relative_to(out).as_posix() if grid is not None else None,
+        license=base_model_license(args.pretrained_model_name_or_path, args.revision, args.cache_dir),
+        location=location,
     )
-
-
-def _trained_note(report: dict) -> str:
-    """What was trained; for a LoRA run, how to load the adapter (DiTPipeline has no LoRA loader of its own)."""
-    trained = f"{report['trainable']}: {', '.join(report['trained'])}" if report["frozen"] else "every parameter"
-    text = f"Trained: {report['trained_parameters']:,} of {report['total_parameters']:,} parameters ({trained})"
-    if report["fixed_rows"]:
-        text += f", the variance rows of {', '.join(report['fixed_rows'])} kept as loaded"
-    text += ". "
-    if report["trainable"] != "lora":
-        return text
-    return text + (
-        f"The LoRA adapter (rank {report['lora']['rank']}, alpha {report['lora']['alpha']:g}) is in "
-        "`pytorch_lora_weights.safetensors`, diffusers' LoRA layout, for the transformer of the checkpoint it was "
-        "trained from: `dp_utils.adapters.load_lora_weights(pipeline.transformer, folder)`, or diffusers' "
-        "`load_lora_adapter(folder, prefix='transformer', weight_name='pytorch_lora_weights.safetensors')` on a "
-        "transformer class with `PeftAdapterMixin`. "
-    )
+    card.save(out / "README.md")

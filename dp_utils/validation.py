@@ -71,12 +71,12 @@ def check_flags(args: argparse.Namespace) -> None:
             _finite(args.delta, 0, 1, low_inclusive=False) and args.delta < 1,
             f"--delta must be in (0, 1), got {args.delta}: leave it out for 1 / (10 N), well below 1/N.",
         )
-    for flag in ("max_train_steps", "num_train_epochs"):
+    for flag in ("max_train_steps", "num_train_epochs", "max_train_samples"):
         value = getattr(args, flag)
         _need(value is None or value >= 1, f"--{flag} must be >= 1, got {value}.")
     for flag in ("logical_batch_size", "max_physical_batch_size", "noise_multiplicity", "num_validation_images"):
         _need(getattr(args, flag) >= 1, f"--{flag} must be >= 1, got {getattr(args, flag)}.")
-    for flag in ("checkpointing_steps", "validation_steps"):
+    for flag in ("checkpointing_steps", "validation_steps", "lr_warmup_steps", "dataloader_num_workers"):
         _need(getattr(args, flag) >= 0, f"--{flag} must be >= 0 (0 disables it), got {getattr(args, flag)}.")
     _need(
         args.checkpoints_total_limit is None or args.checkpoints_total_limit >= 1,
@@ -146,6 +146,11 @@ def check_flags(args: argparse.Namespace) -> None:
         args.trainable == "lora" or not args.save_merged,
         f"--save_merged merges LoRA adapters: it needs --trainable lora (--trainable {args.trainable} saves the "
         "full pipeline anyway).",
+    )
+    _need(
+        not (args.hub_token and args.report_to in ("wandb", "all")),
+        "--hub_token with --report_to wandb would expose the token in the tracked config: log in with "
+        "`hf auth login` instead of --hub_token.",
     )
     _need(
         not (args.overwrite_output_dir and args.resume_from_checkpoint),

@@ -1,5 +1,6 @@
 """Shared fixtures: a tiny AutoencoderKL, real sample photos and digits on disk, and latent caches made from them."""
 
+import socket
 import sys
 from pathlib import Path
 
@@ -24,6 +25,13 @@ PHOTO_FILES = [
 ]
 CORRUPT_FILES = ["cat/truncated.jpg", "misc/garbage.jpg"]
 NUM_DIGITS = 120
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now, for a launcher's rendezvous (`--main_process_port`)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -83,7 +91,7 @@ def run_precompute(argv: list[str]) -> None:
 @pytest.fixture(scope="session")
 def photo_cache_args(photo_dir, tiny_vae_path) -> list[str]:
     """Arguments (minus --output_dir) of the reference photo cache: tiny VAE, 32px, flips, 3 shards."""
-    args = ["--train_data_dir", photo_dir, "--vae", tiny_vae_path, "--resolution", 32, "--flip"]
+    args = ["--train_data_dir", photo_dir, "--vae", tiny_vae_path, "--resolution", 32, "--random_flip"]
     return [str(a) for a in args + ["--shard_size", 3, "--batch_size", 2]]
 
 
@@ -119,6 +127,16 @@ def digits_cache(tmp_path_factory, digits_dataset_dir) -> Path:
     """The digits in pixel space (`--vae none`) at 8x8, with flips."""
     out = tmp_path_factory.mktemp("digits_cache") / "cache"
     run_precompute(
-        ["--dataset_name", digits_dataset_dir, "--vae", "none", "--resolution", 8, "--flip", "--output_dir", out]
+        [
+            "--dataset_name",
+            digits_dataset_dir,
+            "--vae",
+            "none",
+            "--resolution",
+            8,
+            "--random_flip",
+            "--output_dir",
+            out,
+        ]
     )
     return out

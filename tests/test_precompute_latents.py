@@ -4,7 +4,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 
@@ -12,7 +11,7 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from conftest import CORRUPT_FILES, NUM_DIGITS, PHOTO_FILES, REPO_ROOT, run_precompute
+from conftest import CORRUPT_FILES, NUM_DIGITS, PHOTO_FILES, REPO_ROOT, free_port, run_precompute
 from diffusers import AutoencoderKL
 from PIL import Image
 
@@ -141,9 +140,7 @@ def test_resume_after_a_killed_run_gives_the_same_cache(tmp_path, photo_cache, p
 
 
 def test_two_processes_give_the_same_cache(tmp_path, photo_cache, photo_cache_args):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     out = tmp_path / "cache"
     # `--cpu` would start a single process; on a machine without GPUs the script runs these on CPU with gloo.
     command = [

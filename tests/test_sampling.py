@@ -1,13 +1,13 @@
 """Lock-step Poisson sampling: batch-size law, empty steps, ranks vs one process, resume, empty collation, 2 ranks."""
 
 import pickle
-import socket
 import time
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import free_port
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.data._utils.collate import default_collate
@@ -159,9 +159,7 @@ def _init_and_run(rank: int, worker, init_method: str, out_dir: Path, *args) -> 
 
 def run_two_ranks(worker, out_dir: Path, *args) -> list:
     """`worker(rank, *args)` on 2 spawned ranks; their results, or a failure if they do not finish in time."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     context = torch.multiprocessing.start_processes(
         _init_and_run,
         args=(worker, f"tcp://127.0.0.1:{port}", out_dir, *args),

@@ -3,13 +3,14 @@
 import json
 import os
 import shutil
-import socket
 import subprocess
 
 import pytest
 import torch
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, free_port
 from diffusers import DDPMScheduler, DiTPipeline, DiTTransformer2DModel, DPMSolverMultistepScheduler
+from huggingface_hub import ModelCard
+from PIL import Image
 
 import train_dp_dit
 from dp_utils.errors import UserError
@@ -46,9 +47,7 @@ def latent_pipeline(tmp_path_factory, tiny_vae_path):
 
 def launch(args, tmp_path, processes=1):
     """`accelerate launch train_dp_dit.py ...` on CPU; returns the finished process."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     distributed = ["--multi_gpu", "--num_processes", "2"] if processes == 2 else ["--num_processes", "1", "--cpu"]
     command = [
         "accelerate",
@@ -75,7 +74,7 @@ def pixel_args(pipeline, cache, out, *extra):
     return [
         "--pretrained_model_name_or_path",
         pipeline,
-        "--train_data_dir",
+        "--latent_cache",
         cache,
         "--output_dir",
         out,
@@ -133,31 +132,49 @@ def test_pixel_run_writes_model_samples_and_report(tmp_path, pixel_pipeline, dig
     assert scheduler.config.thresholding and scheduler.config.sample_max_value == 1.0  # x0 kept in pixel range
     images = generate(model, scheduler, [0, 9], null_label=1000, num_inference_steps=2)
     assert images.shape == (2, 3, 8, 8)
+    pipeline = DiTPipeline.from_pretrained(out)  # pixel space too: its VAE decodes to its input
+    assert sorted(pipeline.labels) == [str(digit) for digit in range(10)]
+    generator = torch.Generator().manual_seed(0)
+    image = pipeline(pipeline.get_label_ids(["9"]), num_inference_steps=2, generator=generator, output_type="pt")
+    generator = torch.Generator().manual_seed(0)
+    torch.testing.assert_close(  # the same sampler and the same draws as the trainer's own sampling code
+        image.images,
+        generate(model, scheduler, [9], null_label=1000, num_inference_steps=2, generator=generator),
+        rtol=0,
+        atol=1e-4,
+    )
 
 
-def test_latent_run_loads_as_dit_pipeline(tmp_path, latent_pipeline, photo_cache):
+def test_latent_run_loads_as_dit_pipeline_by_class_name(tmp_path, latent_pipeline, photo_cache):
+    """photos/ -> precompute_latents.py (fixture) -> accelerate launch -> DiTPipeline.from_pretrained, by name."""
     out = tmp_path / "out"
-    args = [
-        "--pretrained_model_name_or_path",
-        latent_pipeline,
-        "--train_data_dir",
-        photo_cache,
-        "--output_dir",
-        out,
-        "--logical_batch_size",
-        4,
-        "--max_physical_batch_size",
-        2,
-        "--noise_multiplier",
-        1.0,
-        "--max_train_steps",
-        2,
-    ]
+    args = ["--pretrained_model_name_or_path", latent_pipeline, "--latent_cache", photo_cache, "--output_dir", out]
+    args += ["--logical_batch_size", 4, "--max_physical_batch_size", 2, "--noise_multiplier", 1.0]
+    args += ["--max_train_steps", 2, "--checkpointing_steps", 1, "--use_ema", "--validation_steps", 2]
+    args += ["--num_validation_images", 2, "--num_inference_steps", 2, "--lr_scheduler", "linear"]
     result = launch(args, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "***** Running training *****" in result.stderr and "Num examples (N) = 7" in result.stderr
+    assert "lr=" in result.stderr and "img/s=" in result.stderr
+
     pipeline = DiTPipeline.from_pretrained(out)
-    image = pipeline(class_labels=[1], num_inference_steps=2, guidance_scale=4.0, output_type="np").images
+    assert pipeline.labels == {"cat": 0, "misc": 1}  # the image folder's class names, from model_index.json
+    with pytest.raises(ValueError, match="does not exist"):
+        pipeline.get_label_ids(["dog"])
+    image = pipeline(pipeline.get_label_ids(["misc"]), num_inference_steps=2, output_type="np").images
     assert image.shape == (1, 32, 32, 3)
+
+    checkpoint = out / "checkpoint-1"
+    for folder in ("transformer", "transformer_ema"):
+        model = DiTTransformer2DModel.from_pretrained(checkpoint / folder)
+        assert model.config.num_embeds_ada_norm == 2  # the label table as trained: two classes and the null row
+    card = ModelCard.load(out / "README.md")
+    assert card.data.base_model == str(latent_pipeline) and card.data.library_name == "diffusers"
+    assert {"differential-privacy", "dit", "diffusers"} <= set(card.data.tags)
+    assert card.text.lstrip().startswith(f"# {latent_pipeline} fine-tuned with DP-SGD")
+    assert "`cat`" in card.text and "`misc`" in card.text and "](samples/step-000002.png)" in card.text
+    grid = Image.open(out / "samples" / "step-000002.png")
+    assert grid.height > 2 * 128 and grid.width > 2 * 128  # two rows (classes) of two upscaled, spaced samples
 
 
 def test_two_processes_train_in_step(tmp_path, pixel_pipeline, digits_cache):
@@ -217,7 +234,7 @@ def test_bad_inputs_fail_before_training(tmp_path, pixel_pipeline, latent_pipeli
         run_in_process(
             "--pretrained_model_name_or_path",
             latent_pipeline,
-            "--train_data_dir",
+            "--latent_cache",
             digits_cache,
             "--output_dir",
             out,
@@ -236,9 +253,9 @@ def test_bad_inputs_fail_before_training(tmp_path, pixel_pipeline, latent_pipeli
         run_in_process(*pixel_args(pixel_pipeline, tampered, out, "--noise_multiplier", 1, "--report_to", "none"))
     assert not out.exists()
     with pytest.raises(ValueError, match="exactly one of --pretrained_model_name_or_path or --model_config"):
-        train_dp_dit.parse_args(["--train_data_dir", str(digits_cache), "--noise_multiplier", "1"])
+        train_dp_dit.parse_args(["--latent_cache", str(digits_cache), "--noise_multiplier", "1"])
     with pytest.raises(SystemExit):  # a budget is required: --target_epsilon or --noise_multiplier
-        train_dp_dit.parse_args(["--model_config", "DiT-S/2", "--train_data_dir", str(digits_cache)])
+        train_dp_dit.parse_args(["--model_config", "DiT-S/2", "--latent_cache", str(digits_cache)])
 
 
 def test_resume_with_other_privacy_flags_is_refused(tmp_path, pixel_pipeline, digits_cache):

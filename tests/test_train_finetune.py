@@ -1,12 +1,14 @@
 """Fine-tuning with train_dp_dit.py: what is trained (full, attention, LoRA), the fixed variance half, kept classes."""
 
 import json
+import shutil
 
 import pytest
 import torch
 from diffusers import DiTTransformer2DModel
 from diffusers.loaders.peft import PeftAdapterMixin
 from oracle import dit_batch, dit_losses, naive_clipped_sum, private_update, relative_error, tiny_dit
+from safetensors.torch import load_file
 from test_train_dp_dit import pixel_args, run_in_process, save_pixel_pipeline, transformer_weights
 
 import train_dp_dit
@@ -37,7 +39,7 @@ def class_table(model):
 def test_lora_dit_of_the_trainer_equals_naive_loop(tmp_path):
     targets = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "proj_out_2"]
     args = train_dp_dit.parse_args(
-        ["--model_config", "DiT-S/2", "--train_data_dir", "unused", "--noise_multiplier", "1", "--trainable", "lora"]
+        ["--model_config", "DiT-S/2", "--latent_cache", "unused", "--noise_multiplier", "1", "--trainable", "lora"]
         + ["--lora_rank", "3", "--lora_alpha", "6", "--lora_target_modules", *targets]
     )
 
@@ -170,12 +172,25 @@ def test_lora_saves_the_adapter_alone_unless_it_cannot_reproduce_the_model(
 def test_bad_adapter_flags_are_refused(flags, message):
     with pytest.raises(UserError, match=message):
         train_dp_dit.parse_args(
-            ["--model_config", "DiT-S/2", "--train_data_dir", "c", "--noise_multiplier", "1", *flags]
+            ["--model_config", "DiT-S/2", "--latent_cache", "c", "--noise_multiplier", "1", *flags]
         )
 
 
 def test_embedders_default_to_trained_in_full_mode_only():
-    base = ["--model_config", "DiT-S/2", "--train_data_dir", "c", "--noise_multiplier", "1"]
+    base = ["--model_config", "DiT-S/2", "--latent_cache", "c", "--noise_multiplier", "1"]
     assert train_dp_dit.parse_args(base).embedders == "train"
     assert train_dp_dit.parse_args([*base, "--trainable", "attention"]).embedders == "freeze"
     assert train_dp_dit.parse_args([*base, "--trainable", "attention", "--embedders", "train"]).embedders == "train"
+
+
+def test_lora_run_with_ema_resumes_exactly(tmp_path, pixel_pipeline, digits_cache):
+    flags = ["--noise_multiplier", 1, "--trainable", "lora", "--use_ema", "--report_to", "none"]
+    flags += ["--max_train_steps", 2, "--checkpointing_steps", 1]
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    run_in_process(*pixel_args(pixel_pipeline, digits_cache, full, *flags))
+    checkpoint = full / "checkpoint-1"
+    assert (checkpoint / "transformer" / "pytorch_lora_weights.safetensors").is_file()  # the adapter, loadable
+    shutil.copytree(checkpoint, resumed / "checkpoint-1")
+    run_in_process(*pixel_args(pixel_pipeline, digits_cache, resumed, *flags, "--resume_from_checkpoint", "latest"))
+    expected, got = (load_file(d / "pytorch_lora_weights.safetensors") for d in (full, resumed))
+    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)

@@ -2,13 +2,12 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import accelerate.utils
 import pytest
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, free_port
 from test_train_dp_dit import pixel_args, run_in_process, save_pixel_pipeline
 
 import train_dp_dit
@@ -20,7 +19,7 @@ def pixel_pipeline(tmp_path_factory):
     return save_pixel_pipeline(tmp_path_factory.mktemp("pixel_pipeline"))
 
 
-BASE = ["--model_config", "DiT-S/2", "--train_data_dir", "cache"]
+BASE = ["--model_config", "DiT-S/2", "--latent_cache", "cache"]
 BAD_FLAGS = [
     (["--noise_multiplier", "-1"], "--noise_multiplier must be finite and >= 0"),
     (["--noise_multiplier", "nan"], "--noise_multiplier must be finite and >= 0"),
@@ -120,7 +119,7 @@ def test_bad_paths_and_data_are_refused_before_anything_is_written(tmp_path, pix
 
 
 def test_model_config_that_is_no_preset_or_file_is_refused(tmp_path, digits_cache):
-    args = ["--model_config", tmp_path / "dit.json", "--train_data_dir", digits_cache, "--noise_multiplier", 1]
+    args = ["--model_config", tmp_path / "dit.json", "--latent_cache", digits_cache, "--noise_multiplier", 1]
     with pytest.raises(UserError, match="is neither a preset .*DiT-S/2.* nor a config.json file"):
         run_in_process(*args, "--output_dir", tmp_path / "out", "--report_to", "none")
 
@@ -187,9 +186,7 @@ def test_script_prints_one_error_line_and_exits_2(tmp_path, pixel_pipeline, digi
 
 def test_accelerate_launch_shows_the_childs_message_last(tmp_path, pixel_pipeline, digits_cache):
     """One process with `-q`: the message is the last line. Two: every rank prints it, the summary repeats it."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     script = [str(REPO_ROOT / "train_dp_dit.py"), *bad_run_command(pixel_pipeline, digits_cache, "o")]
     script += ["--max_grad_norm", "nan"]
     message = "error: --max_grad_norm must be finite and > 0, got nan: pass a clipping norm such as 1.0."

@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 out=quickstart
 launch="accelerate launch --config_file accelerate_configs/cpu.yaml --num_cpu_threads_per_process 2"
-train_flags=(--model_config examples/digits/dit_digits.json --train_data_dir "$out/cache" --logical_batch_size 256
+train_flags=(--model_config examples/digits/dit_digits.json --latent_cache "$out/cache" --logical_batch_size 256
              --max_physical_batch_size 256 --max_train_steps 400 --learning_rate 1e-3 --checkpointing_steps 0
              --validation_steps 400 --num_validation_images 8 --report_to none --overwrite_output_dir)
 
