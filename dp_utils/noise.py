@@ -3,8 +3,9 @@
 The scaling by 1 / batch size rides in the noise pass: one read and write of every gradient, not two.
 
 On CPU the draws are serial per generator and fresh tensors fault in fresh pages, so the parameters are split over
-the intra-op threads; each thread draws into one reused scratch buffer with its own generator, seeded from the
-caller's generator (or torch's global one), which keeps runs reproducible and resumable from the RNG state.
+the intra-op threads; each thread draws into one reused scratch buffer with its own generator, whose whole state is
+expanded from 248 bits drawn from the caller's generator (or torch's global one): runs stay resumable from the
+caller's generator state, and no thread's stream is one of torch's 2^32 `manual_seed` streams.
 
 On an accelerator, one randn + mul + add per parameter is three small kernels per tensor (thousands per step for a
 DiT-XL); `add_noise_foreach_` instead draws one flat normal vector per chunk of tensors (at most CHUNK_NUMEL
@@ -20,6 +21,8 @@ import math
 import threading
 
 import torch
+
+from .randomness import fork_entropy, generator_from_entropy
 
 CHUNK_NUMEL = 2**26  # elements per flat draw on an accelerator: 256 MiB of fp32 scratch at most
 
@@ -59,7 +62,7 @@ class GaussianNoise:
     ) -> None:
         """The CPU pass: one share of the tensors per intra-op thread; every thread's failure is collected."""
         shares = _balanced_shares(tensors, torch.get_num_threads())
-        seeds = torch.randint(2**63 - 1, (len(shares),), generator=generator).tolist()
+        seeds = fork_entropy(generator, len(shares))
         failures: list[BaseException] = []
 
         def run(share: list[torch.Tensor], seed: int, index: int) -> None:
@@ -82,8 +85,8 @@ class GaussianNoise:
                 "some gradients have no noise, so this step must not be taken or accounted."
             ) from failures[0]
 
-    def _add_share(self, share: list[torch.Tensor], std: float, scale: float, seed: int, index: int) -> None:
-        generator = torch.Generator().manual_seed(seed)
+    def _add_share(self, share: list[torch.Tensor], std: float, scale: float, seed: list[int], index: int) -> None:
+        generator = generator_from_entropy(seed)
         with torch.no_grad():
             for t in share:
                 scratch = self._scratch.get((index, t.dtype))
