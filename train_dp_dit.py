@@ -10,6 +10,9 @@ A bad flag, path or dataset is refused before any compute with one `error: ...` 
 Every step draws a Poisson batch (each image independently, rate q), clips each image's gradient to
 --max_grad_norm (exactly, nothing frozen: dp_utils' engine), adds Gaussian noise once, and an Opacus accountant
 tracks (epsilon, delta). The unit of privacy is one training image (one row of the cache, its flip included).
+The noise and the batches come from a secret drawn from the operating system (not from --seed); checkpoints hold it
+and are as secret as the images. Only epsilon, the step and the learning rate are logged unless
+--log_private_metrics.
 """
 
 from __future__ import annotations
@@ -44,6 +47,8 @@ from dp_utils.model import (
     resize_label_table,
 )
 from dp_utils.outputs import log_validation, save_pipeline
+from dp_utils.randomness import REPRODUCIBLE_NOISE_WARNING, DPRandomness
+from dp_utils.released import private_metrics, public_config
 from dp_utils.sampling import PoissonBatchSampler
 from dp_utils.validation import (
     check_data,
@@ -158,6 +163,9 @@ def main(args):
     )
     world = accelerator.num_processes
     k = args.noise_multiplicity
+    randomness = DPRandomness(args.noise_seed, accelerator.device)  # the DP noise and batches: never from --seed
+    if randomness.reproducible:
+        logger.warning(REPRODUCIBLE_NOISE_WARNING)
 
     def per_draw_mse(prediction, noise):  # an image's K draws are its rows: its loss is their mean
         return dp_utils.per_sample_mse(prediction, noise) / k
@@ -180,6 +188,7 @@ def main(args):
         noise_multiplicity=args.noise_multiplicity,
         distributed=world > 1,
         accountant=args.accountant,
+        noise_generator=randomness.noise_generator,
     )
     privacy_engine = optimizer.privacy_engine
 
@@ -198,7 +207,9 @@ def main(args):
         )
     )
     ema = EMAModel(transformer.parameters(), decay=args.ema_decay) if args.use_ema else None
-    accelerator.register_for_checkpointing(transformer, optimizer, state, *([ema] if ema is not None else []))
+    accelerator.register_for_checkpointing(
+        transformer, optimizer, state, randomness, *([ema] if ema is not None else [])
+    )
     if resume is not None:
         accelerator.load_state(str(resume))
         privacy_engine.accountant.history = [tuple(h) for h in state.accountant_history]
@@ -219,7 +230,7 @@ def main(args):
                     path.unlink()
         accelerator.init_trackers(
             "dp-dit",
-            config={k: v for k, v in vars(args).items() if v is None or isinstance(v, int | float | str | bool)},
+            config=public_config(args),
         )
     accelerator.wait_for_everyone()
     logger.info(
@@ -231,7 +242,7 @@ def main(args):
         n,
         sample_rate,
         max_train_steps,
-        seed=args.seed,
+        seed=randomness.sampling_seed,
         rank=accelerator.process_index,
         world_size=world,
         start_step=state.step,
@@ -270,11 +281,13 @@ def main(args):
                 ema.step(transformer.parameters())
             state.step += 1
             state.accountant_history = list(privacy_engine.accountant.history)
-            logs = {"loss": loss_sum / max(rows, 1), "batch": len(indices) * world}
+            logs = {"lr": optimizer.param_groups[0]["lr"]}
+            if args.log_private_metrics:  # functions of the private data, outside the accounting
+                logs.update(private_metrics(accelerator, loss_sum, rows, len(indices)))
             if state.step % epsilon_every == 0 or state.step == max_train_steps:
                 epsilon = logs["epsilon"] = spent_epsilon()
             progress.update(1)
-            progress.set_postfix(loss=f"{logs['loss']:.4f}", eps=f"{epsilon:.3f}")
+            progress.set_postfix(**({"loss": f"{logs['loss']:.4f}"} if "loss" in logs else {}), eps=f"{epsilon:.3f}")
             accelerator.log(logs, step=state.step)
             if args.checkpointing_steps and state.step % args.checkpointing_steps == 0:
                 save_checkpoint(accelerator, args.output_dir, state.step, args.checkpoints_total_limit)
@@ -304,6 +317,8 @@ def main(args):
             frozen=frozen,
             unit_of_privacy="one training image (one cache row, all its views)",
             world_size=world,
+            noise_seed_given=randomness.reproducible,
+            private_metrics_logged=args.log_private_metrics,
         )
         if args.validation_steps:
             log_validation(args, accelerator, transformer, ema, scheduler, vae, classes, null_label, state.step)
@@ -393,6 +408,13 @@ def parse_args(input_args=None):
     )
     dp.add_argument("--accountant", choices=["prv", "rdp"], default="prv", help="Opacus accountant.")
     dp.add_argument(
+        "--noise_seed",
+        type=int,
+        help="Seed of the DP noise and the Poisson batches, for reproducible experiments only: the guarantee then "
+        "holds only while this seed stays secret (it is written nowhere; log, report and card warn). Default: a "
+        "fresh 128-bit secret from the operating system every run.",
+    )
+    dp.add_argument(
         "--noise_multiplicity",
         type=int,
         default=1,
@@ -432,7 +454,13 @@ def parse_args(input_args=None):
         help="Whether or not to allow TF32 on Ampere GPUs. Can be used to speed up training. For more information, "
         "see https://pytorch.org/docs/stable/notes/cuda.html#tensorfloat-32-tf32-on-ampere-devices",
     )
-    train.add_argument("--seed", type=int, default=0, help="Seed of the model, sampling and noise draws.")
+    train.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="Seed of the model initialisation, timesteps, latent draws and validation samples; never of the DP "
+        "noise or batches (see --noise_seed).",
+    )
     io = parser.add_argument_group("output")
     io.add_argument("--output_dir", default="dp-dit-model", help="Pipeline, privacy report, checkpoints, samples.")
     io.add_argument(
@@ -445,12 +473,19 @@ def parse_args(input_args=None):
         "--checkpointing_steps",
         type=int,
         default=500,
-        help="Save a resumable checkpoint every N "
-        "steps (model, optimizer, EMA, accountant history, RNG and step); 0 disables.",
+        help="Save a resumable checkpoint every N steps (model, optimizer, EMA, accountant history, RNG states, the "
+        "secret noise generator and sampling seed, step); as secret as the training images; 0 disables.",
     )
     io.add_argument("--checkpoints_total_limit", type=int, help="Keep at most this many checkpoints.")
     io.add_argument("--resume_from_checkpoint", help="'latest' or a checkpoint folder; epsilon continues from it.")
     io.add_argument("--report_to", default="tensorboard", help="Accelerate trackers: tensorboard, wandb, all, none.")
+    io.add_argument(
+        "--log_private_metrics",
+        action="store_true",
+        help="Also log each step's training loss and Poisson batch size (trackers and progress bar). They are "
+        "functions of the private data outside the (epsilon, delta) guarantee; the model card then says so. "
+        "Default: epsilon, step and learning rate only.",
+    )
     io.add_argument(
         "--validation_steps",
         type=int,

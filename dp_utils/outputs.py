@@ -12,6 +12,7 @@ from PIL import Image
 
 from .generation import generate
 from .model import pad_label_table_for_pipeline
+from .released import guarantee_notes
 
 
 def sampling_scheduler(scheduler: DDPMScheduler, pixel_space: bool) -> DPMSolverMultistepScheduler:
@@ -109,5 +110,6 @@ def model_card(report: dict) -> str:
         f"{report['dataset_size']} images, noise multiplier {report['noise_multiplier']:.4g}, clipping norm "
         f"{report['max_grad_norm']} ({report['accountant']} accountant). Frozen: {report['frozen'] or 'nothing'}. "
         "The guarantee covers the training images, not the data of a pretrained checkpoint.\n\n"
-        f"```json\n{json.dumps(report, indent=2)}\n```\n"
+        + "".join(f"{note}\n\n" for note in guarantee_notes(report))
+        + f"```json\n{json.dumps(report, indent=2)}\n```\n"
     )

@@ -18,6 +18,10 @@ import numpy as np
 import torch
 
 SECRET_BITS = 128
+REPRODUCIBLE_NOISE_WARNING = (
+    "--noise_seed makes the DP noise and the Poisson batches reproducible: the (epsilon, delta) guarantee holds only "
+    "while this seed stays as secret as the training images (it is written nowhere; the report and card say so)."
+)
 MT_WORDS = 624  # MT19937's state
 _MT_STATE_SLICE = slice(24, 24 + 8 * MT_WORDS)  # CPU state: seed u64, left i32, seeded i32, next u64, 624 x u64
 
