@@ -36,9 +36,9 @@ def main(args: argparse.Namespace) -> int:
         ("sample rate q", f"{1 / math.ceil(config.rows / config.logical_batch_size):.4g}"),
         ("canary's clipped norm / C", f"{result.canary_norm:.4f}"),
         ("steps accounted (one per logical batch)", f"{result.accounted_steps}"),
-        (f"test: 'in' when score is {result.direction}", f"{result.threshold:.3f}"),
-        ("TPR (lower bound)", f"{result.tpr:.4f} ({result.tpr_lower:.4f})"),
-        ("FPR (upper bound)", f"{result.fpr:.4f} ({result.fpr_upper:.4f})"),
+        (f"threshold (the test: {result.direction})", f"{result.threshold:.3f}"),
+        ("TPR on held-out trials (lower bound)", f"{result.tpr:.4f} ({result.tpr_lower:.4f})"),
+        ("FPR on held-out trials (upper bound)", f"{result.fpr:.4f} ({result.fpr_upper:.4f})"),
         (
             f"epsilon lower bound ({config.confidence:.0%}, delta {config.delta:g})",
             f"{result.epsilon_lower_bound:.3f}",

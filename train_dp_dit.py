@@ -10,9 +10,7 @@ A bad flag, path or dataset is refused before any compute with one `error: ...` 
 Every step draws a Poisson batch (each image independently, rate q), clips each image's gradient to
 --max_grad_norm (exactly, nothing frozen: dp_utils' engine), adds Gaussian noise once, and an Opacus accountant
 tracks (epsilon, delta). The unit of privacy is one training image (one row of the cache, its flip included).
-The noise and the batches come from a secret drawn from the operating system (not from --seed); checkpoints hold it
-and are as secret as the images. Only epsilon, the step and the learning rate are logged unless
---log_private_metrics.
+Noise and batches come from an OS secret (not --seed) that checkpoints hold: they are as secret as the images.
 """
 
 from __future__ import annotations
@@ -48,7 +46,7 @@ from dp_utils.model import (
 )
 from dp_utils.outputs import log_validation, save_pipeline
 from dp_utils.randomness import REPRODUCIBLE_NOISE_WARNING, DPRandomness
-from dp_utils.released import private_metrics, public_config
+from dp_utils.released import noise_source, private_metrics, public_config
 from dp_utils.sampling import PoissonBatchSampler
 from dp_utils.validation import (
     check_data,
@@ -207,9 +205,8 @@ def main(args):
         )
     )
     ema = EMAModel(transformer.parameters(), decay=args.ema_decay) if args.use_ema else None
-    accelerator.register_for_checkpointing(
-        transformer, optimizer, state, randomness, *([ema] if ema is not None else [])
-    )
+    extra = [ema] if ema is not None else []
+    accelerator.register_for_checkpointing(transformer, optimizer, state, randomness, *extra)  # randomness: secret
     if resume is not None:
         accelerator.load_state(str(resume))
         privacy_engine.accountant.history = [tuple(h) for h in state.accountant_history]
@@ -228,10 +225,7 @@ def main(args):
                     shutil.rmtree(path)
                 else:
                     path.unlink()
-        accelerator.init_trackers(
-            "dp-dit",
-            config=public_config(args),
-        )
+        accelerator.init_trackers("dp-dit", config=public_config(args))  # no seed
     accelerator.wait_for_everyone()
     logger.info(
         f"{n} images, q = {sample_rate:.4g} (expected batch {n * sample_rate:.1f}), {max_train_steps} steps, "
@@ -318,6 +312,7 @@ def main(args):
             unit_of_privacy="one training image (one cache row, all its views)",
             world_size=world,
             noise_seed_given=randomness.reproducible,
+            noise_source=noise_source(randomness.reproducible),
             private_metrics_logged=args.log_private_metrics,
         )
         if args.validation_steps:
@@ -455,11 +450,7 @@ def parse_args(input_args=None):
         "see https://pytorch.org/docs/stable/notes/cuda.html#tensorfloat-32-tf32-on-ampere-devices",
     )
     train.add_argument(
-        "--seed",
-        type=int,
-        default=0,
-        help="Seed of the model initialisation, timesteps, latent draws and validation samples; never of the DP "
-        "noise or batches (see --noise_seed).",
+        "--seed", type=int, default=0, help="Seed of init, timesteps, latents, samples; not of DP noise: --noise_seed."
     )
     io = parser.add_argument_group("output")
     io.add_argument("--output_dir", default="dp-dit-model", help="Pipeline, privacy report, checkpoints, samples.")

@@ -60,7 +60,7 @@ class AuditResult:
     accountant_epsilon: float  # of one step, by the accountant the real step fed
     epsilon_lower_bound: float  # proved by the test at `confidence` (0 when no threshold proves anything)
     threshold: float
-    direction: str  # "above": the test says "in" when score > threshold; "below": when score < threshold
+    direction: str  # "in if above": the test says "in" when score > threshold; "out if below": "out" when score < it
     tpr: float
     fpr: float
     tpr_lower: float
@@ -173,14 +173,14 @@ def run_audit(config: AuditConfig) -> tuple[AuditResult, np.ndarray, np.ndarray]
     inside, outside = np.array(scores[True]), np.array(scores[False])
     calibration = config.trials // 4  # calibration trials: they choose the threshold, the rest bound the rates
     candidates = []
-    for name, positives, negatives in (("above", inside, outside), ("below", -outside, -inside)):
+    for name, positives, negatives in (("in if above", inside, outside), ("out if below", -outside, -inside)):
         threshold = best_threshold(positives[:calibration], negatives[:calibration], config.delta, config.confidence)
         positives, negatives = positives[calibration:], negatives[calibration:]
         bound, tpr_lower, fpr_upper = epsilon_lower_bound(
             positives, negatives, threshold, config.delta, config.confidence
         )
         tpr, fpr = float((positives > threshold).mean()), float((negatives > threshold).mean())
-        sign = 1 if name == "above" else -1
+        sign = 1 if name == "in if above" else -1
         candidates.append((bound, sign * threshold, name, tpr, fpr, tpr_lower, fpr_upper))
     bound, threshold, name, tpr, fpr, tpr_lower, fpr_upper = max(candidates)
     history = step.optimizer.privacy_engine.accountant.history
@@ -214,7 +214,7 @@ def plot_scores(result: AuditResult, inside: np.ndarray, outside: np.ndarray, pa
     bins = np.histogram_bin_edges(np.concatenate([inside, outside]), bins=80)
     axes.hist(outside, bins=bins, alpha=0.6, label="canary out")
     axes.hist(inside, bins=bins, alpha=0.6, label="canary in")
-    axes.axvline(result.threshold, color="black", linestyle="--", label=f"threshold ({result.direction})")
+    axes.axvline(result.threshold, color="black", linestyle="--", label=f"threshold (test: {result.direction})")
     axes.set_xlabel("score: update projected on the canary's clipped gradient, in units of C")
     axes.set_ylabel("trials")
     verdict = "VIOLATION" if result.violation else "consistent"

@@ -31,6 +31,16 @@ def private_metrics(accelerator: Accelerator, loss_sum: float, rows: int, local_
     return {"loss": loss_sum / max(rows, 1), "batch": int(batch)}
 
 
+def noise_source(reproducible: bool) -> str:
+    """The privacy report's statement of where the noise and the batches came from."""
+    if reproducible:
+        return (
+            "reproducible from --noise_seed: the guarantee holds only while that seed stays as secret as the "
+            "training images"
+        )
+    return "secret: 128 bits of the operating system's entropy, held only by the checkpoints"
+
+
 def guarantee_notes(report: dict) -> list[str]:
     """What the model card says about the guarantee's limits: seed, released statistics, N, checkpoints."""
     notes = [

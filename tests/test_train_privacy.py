@@ -54,7 +54,8 @@ def test_same_flags_and_seed_give_fresh_noise_unless_noise_seed(tmp_path, pixel_
     assert all(torch.equal(first[k], second[k]) for k in first)
     assert REPRODUCIBLE_NOISE_WARNING in capsys.readouterr().err  # the trainer's log handler writes to stderr
     assert "**Reproducible noise**" in (tmp_path / "c" / "README.md").read_text()
-    assert json.loads((tmp_path / "c" / "privacy_report.json").read_text())["noise_seed_given"] is True
+    report = json.loads((tmp_path / "c" / "privacy_report.json").read_text())
+    assert report["noise_seed_given"] is True and "holds only while that seed stays" in report["noise_source"]
 
 
 def _files_outside_checkpoints(out):
