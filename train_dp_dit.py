@@ -369,7 +369,7 @@ def parse_args(input_args=None):
         "--noise_multiplier",
         type=float,
         help="Noise std / clipping norm; epsilon is reported. 0 with a large --max_grad_norm is the non-private "
-        "baseline on the same batches (epsilon = inf).",
+        "baseline, Poisson batches included (epsilon = inf).",
     )
     dp.add_argument("--delta", type=float, help="Delta of the guarantee (default 1 / (10 N), well below 1/N).")
     dp.add_argument(
