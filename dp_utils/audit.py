@@ -11,8 +11,9 @@ batches, the DP optimizer's noise) with the canary in or out, and scores the upd
 (B the expected batch size, SGD at rate lr). A threshold on the score is a test; for any (epsilon, delta)-DP step
 TPR <= e^epsilon FPR + delta (and the same with the roles of in and out swapped), so one-sided Clopper-Pearson bounds
 TPR >= TPR_lo, FPR <= FPR_hi give, at their confidence, epsilon >= log((TPR_lo - delta) / FPR_hi) (Jagielski et al.
-2020). The threshold is chosen on a quarter of the trials, the bounds are computed on the other three quarters. A
-lower bound above the accountant's epsilon is a violation: the step leaks more than is accounted.
+2020). The test (direction and threshold) is chosen on a quarter of the trials, and its rates are bounded on the
+other three quarters, once. A lower bound above the accountant's epsilon is a violation: the step leaks more than is
+accounted.
 """
 
 from __future__ import annotations
@@ -95,11 +96,14 @@ def epsilon_lower_bound(
     return max(0.0, math.log((tpr_lower - delta) / fpr_upper)), tpr_lower, fpr_upper
 
 
-def best_threshold(positives: np.ndarray, negatives: np.ndarray, delta: float, confidence: float) -> float:
-    """The threshold, among the scores, whose test proves the largest epsilon on these (calibration) scores."""
-    candidates = np.unique(np.concatenate([positives, negatives]))
-    bounds = [epsilon_lower_bound(positives, negatives, t, delta, confidence)[0] for t in candidates[:-1]]
-    return float(candidates[int(np.argmax(bounds))]) if bounds else 0.0
+def best_threshold(
+    positives: np.ndarray, negatives: np.ndarray, delta: float, confidence: float
+) -> tuple[float, float]:
+    """(threshold, epsilon) of the test, among the scores, that proves the largest epsilon on these scores."""
+    candidates = np.unique(np.concatenate([positives, negatives]))[:-1]
+    bounds = [epsilon_lower_bound(positives, negatives, t, delta, confidence)[0] for t in candidates]
+    best = int(np.argmax(bounds)) if bounds else 0
+    return (float(candidates[best]), bounds[best]) if bounds else (0.0, 0.0)
 
 
 class _Step:
@@ -166,23 +170,24 @@ def run_audit(config: AuditConfig) -> tuple[AuditResult, np.ndarray, np.ndarray]
     scores = {True: [], False: []}
     accountant_epsilon = None
     for trial in range(2 * config.trials):
-        inside = trial % 2 == 0
-        scores[inside].append(((step.update(inside) - others) @ direction).item() / config.max_grad_norm)
+        canary_in = trial % 2 == 0
+        scores[canary_in].append(((step.update(canary_in) - others) @ direction).item() / config.max_grad_norm)
         if accountant_epsilon is None:
             accountant_epsilon = step.optimizer.privacy_engine.get_epsilon(config.delta)  # after exactly one step
     inside, outside = np.array(scores[True]), np.array(scores[False])
-    calibration = config.trials // 4  # calibration trials: they choose the threshold, the rest bound the rates
-    candidates = []
-    for name, positives, negatives in (("in if above", inside, outside), ("out if below", -outside, -inside)):
-        threshold = best_threshold(positives[:calibration], negatives[:calibration], config.delta, config.confidence)
-        positives, negatives = positives[calibration:], negatives[calibration:]
-        bound, tpr_lower, fpr_upper = epsilon_lower_bound(
-            positives, negatives, threshold, config.delta, config.confidence
-        )
-        tpr, fpr = float((positives > threshold).mean()), float((negatives > threshold).mean())
-        sign = 1 if name == "in if above" else -1
-        candidates.append((bound, sign * threshold, name, tpr, fpr, tpr_lower, fpr_upper))
-    bound, threshold, name, tpr, fpr, tpr_lower, fpr_upper = max(candidates)
+    # The calibration trials choose the test (its direction and threshold); the others bound its rates, once.
+    calibration = config.trials // 4
+    tests = {"in if above": (inside, outside), "out if below": (-outside, -inside)}
+    chosen = {
+        name: best_threshold(positives[:calibration], negatives[:calibration], config.delta, config.confidence)
+        for name, (positives, negatives) in tests.items()
+    }
+    name = max(chosen, key=lambda test: chosen[test][1])
+    threshold = chosen[name][0]
+    positives, negatives = (part[calibration:] for part in tests[name])
+    bound, tpr_lower, fpr_upper = epsilon_lower_bound(positives, negatives, threshold, config.delta, config.confidence)
+    tpr, fpr = float((positives > threshold).mean()), float((negatives > threshold).mean())
+    threshold = threshold if name == "in if above" else -threshold  # on the score's own scale
     history = step.optimizer.privacy_engine.accountant.history
     result = AuditResult(
         config=config,
