@@ -47,7 +47,8 @@ def guarantee_notes(report: dict) -> list[str]:
         "The number of training images N is treated as public metadata, as are the hyper-parameters; the guarantee "
         "hides whether any one image was used, not how many there were.",
         "Checkpoints (`checkpoint-*`) hold the noise generator's state and the sampling seed: they are as secret as "
-        "the training images and are not covered by the guarantee. Publish only this folder's model and report.",
+        "the training images and are not covered by the guarantee: publish the model, this card and the privacy "
+        "report, never the checkpoint folders.",
     ]
     if report["noise_seed_given"]:
         notes.insert(
