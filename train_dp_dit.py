@@ -14,6 +14,7 @@ A bad flag, path or dataset is refused before any compute with one `error: ...` 
 Every step draws a Poisson batch (each image independently, rate q), clips each image's gradient to
 --max_grad_norm (exactly, nothing frozen: dp_utils' engine), adds Gaussian noise once, and an Opacus accountant
 tracks (epsilon, delta). The unit of privacy is one training image (one row of the cache, its flip included).
+Noise and batches come from an OS secret (not --seed) that checkpoints hold: they are as secret as the images.
 """
 
 from __future__ import annotations
@@ -52,6 +53,8 @@ from dp_utils.model import checkpoint_id2label, disable_label_dropout, fit_label
 from dp_utils.outputs import log_validation, save_pipeline
 from dp_utils.plan import RunPlan, plan_run, privacy_ledger, privacy_report, training_summary
 from dp_utils.pretrained import load_model
+from dp_utils.randomness import REPRODUCIBLE_NOISE_WARNING, DPRandomness
+from dp_utils.released import noise_source, private_metrics, public_config
 from dp_utils.sampling import PoissonBatchSampler
 from dp_utils.validation import (
     check_data,
@@ -84,6 +87,7 @@ class Run:
     state: TrainState
     plan: RunPlan
     trained: TrainedParameters
+    randomness: DPRandomness  # the DP noise and batches: secret, checkpointed
 
     def spent_epsilon(self) -> float:  # sigma = 0 is the non-private baseline: no guarantee at all
         if self.optimizer.noise_multiplier == 0:
@@ -139,7 +143,7 @@ def open_data_and_model(args):
     return model, scheduler, vae, dataset, null_label
 
 
-def make_private(args, accelerator, transformer, dataset, plan: RunPlan):
+def make_private(args, accelerator, transformer, dataset, plan: RunPlan, randomness: DPRandomness):
     """AdamW over the trainable parameters, wrapped by dp_utils: (model, DP optimizer, criterion, what is trained)."""
     disable_label_dropout(transformer)
     lora = lora_config(args.lora_rank, args.lora_alpha, args.lora_target_modules) if args.trainable == "lora" else None
@@ -181,6 +185,7 @@ def make_private(args, accelerator, transformer, dataset, plan: RunPlan):
         noise_multiplicity=k,
         distributed=accelerator.num_processes > 1,
         accountant=args.accountant,
+        noise_generator=randomness.noise_generator,
     )
     return model, optimizer, criterion, trained_parameters(transformer, args.trainable, fixed)
 
@@ -188,7 +193,7 @@ def make_private(args, accelerator, transformer, dataset, plan: RunPlan):
 def restore_or_begin(args, accelerator, run: Run, resume: Path | None) -> None:
     """Resume from a checkpoint (the budget continues), or clear what --overwrite_output_dir replaces; trackers."""
     register_pretrained_hooks(accelerator, run.transformer, run.ema)
-    accelerator.register_for_checkpointing(run.optimizer, run.lr_scheduler, run.state)
+    accelerator.register_for_checkpointing(run.optimizer, run.lr_scheduler, run.state, run.randomness)  # secret
     if resume is not None:
         accelerator.load_state(str(resume))
         run.optimizer.privacy_engine.accountant.history = [tuple(h) for h in run.state.accountant_history]
@@ -203,8 +208,7 @@ def restore_or_begin(args, accelerator, run: Run, resume: Path | None) -> None:
         if args.overwrite_output_dir:
             for path in previous_run_files(args.output_dir):
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
-        config = {k: v for k, v in vars(args).items() if v is None or isinstance(v, int | float | str | bool)}
-        accelerator.init_trackers(args.tracker_project_name, config={**config, "hub_token": None})
+        accelerator.init_trackers(args.tracker_project_name, config=public_config(args))  # no seeds, no token
     accelerator.wait_for_everyone()
 
 
@@ -228,7 +232,7 @@ def train(args, accelerator, run: Run) -> float:
         plan.num_images,
         plan.sample_rate,
         plan.max_train_steps,
-        args.seed,
+        run.randomness.sampling_seed,
         accelerator.process_index,
         world,
         state.step,
@@ -269,17 +273,15 @@ def train(args, accelerator, run: Run) -> float:
             now, seconds = time.perf_counter(), time.perf_counter() - tick
             tick = now
             lr = run.lr_scheduler.get_last_lr()[0]
-            logs = {"loss": loss_sum / max(rows, 1), "batch": images * world, "lr": lr}
-            logs["samples/s"] = logs["batch"] / seconds
+            # throughput at the expected (public) batch: the step's own batch size is private
+            logs = {"lr": lr, "samples/s": plan.expected_batch_size / seconds}
+            if args.log_private_metrics:  # functions of the private data, outside the accounting
+                logs.update(private_metrics(accelerator, loss_sum, rows, images))
             if state.step % epsilon_every == 0 or state.step == plan.max_train_steps:
                 epsilon = logs["epsilon"] = run.spent_epsilon()
             bar.update(1)
-            bar.set_postfix(
-                loss=f"{logs['loss']:.4f}",
-                eps=f"{epsilon:.3f}",
-                lr=f"{lr:.2g}",
-                **{"img/s": f"{logs['samples/s']:.1f}"},
-            )
+            shown = {"loss": f"{logs['loss']:.4f}"} if "loss" in logs else {}
+            bar.set_postfix(**shown, eps=f"{epsilon:.3f}", lr=f"{lr:.2g}", **{"img/s": f"{logs['samples/s']:.1f}"})
             accelerator.log(logs, step=state.step)
             if args.checkpointing_steps and state.step % args.checkpointing_steps == 0:
                 save_checkpoint(accelerator, args.output_dir, state.step, args.checkpoints_total_limit)
@@ -325,6 +327,9 @@ def finish(args, accelerator, run: Run, epsilon: float, repo_id: str | None) -> 
             grad_sample_mode=args.grad_sample_mode,
             **asdict(run.trained),
             world_size=world,
+            noise_seed_given=run.randomness.reproducible,
+            noise_source=noise_source(run.randomness.reproducible),
+            private_metrics_logged=args.log_private_metrics,
         )
         grid = validate(args, accelerator, run) if args.validation_steps else None
         location = repo_id or args.output_dir
@@ -348,8 +353,11 @@ def main(args):
         logger.warning(warning)
     repo_id = create_model_repo(args.output_dir, args.hub_model_id, args.hub_token) if args.push_to_hub else None
 
+    randomness = DPRandomness(args.noise_seed, accelerator.device)  # the DP noise and batches: never from --seed
+    if randomness.reproducible:
+        logger.warning(REPRODUCIBLE_NOISE_WARNING)
     set_seed(args.seed, device_specific=True)  # each rank its own diffusion noise; the DP noise comes from rank 0
-    model, optimizer, criterion, trained = make_private(args, accelerator, transformer, dataset, plan)
+    model, optimizer, criterion, trained = make_private(args, accelerator, transformer, dataset, plan, randomness)
     if vae is not None:
         vae.to(accelerator.device).eval().requires_grad_(False)
     lr_scheduler = get_scheduler(
@@ -382,6 +390,7 @@ def main(args):
         state,
         plan,
         trained,
+        randomness,
     )
     restore_or_begin(args, accelerator, run, resume)
     physical = f"{args.max_physical_batch_size} per process, {accelerator.num_processes} process(es)"

@@ -135,7 +135,7 @@ def build_parser(description: str) -> argparse.ArgumentParser:
         "--noise_multiplier",
         type=float,
         help="Noise std / clipping norm; epsilon is reported. 0 with a large --max_grad_norm is the non-private "
-        "baseline on the same batches (epsilon = inf).",
+        "baseline, Poisson batches included (epsilon = inf).",
     )
     dp.add_argument("--delta", type=float, help="Delta of the guarantee (default: 1 / (10 N), well below 1/N).")
     dp.add_argument(
@@ -168,6 +168,13 @@ def build_parser(description: str) -> argparse.ArgumentParser:
         "needs --embedders freeze).",
     )
     dp.add_argument("--accountant", choices=["prv", "rdp"], default="prv", help="Opacus accountant.")
+    dp.add_argument(
+        "--noise_seed",
+        type=int,
+        help="Seed of the DP noise and the Poisson batches, for reproducible experiments only: the guarantee then "
+        "holds only while this seed stays secret (it is written nowhere; log, report and card warn). Default: a "
+        "fresh 128-bit secret from the operating system every run.",
+    )
     dp.add_argument(
         "--noise_multiplicity",
         type=int,
@@ -217,7 +224,9 @@ def build_parser(description: str) -> argparse.ArgumentParser:
         help="Whether or not to allow TF32 on Ampere GPUs. Can be used to speed up training. For more information, "
         "see https://pytorch.org/docs/stable/notes/cuda.html#tensorfloat-32-tf32-on-ampere-devices",
     )
-    train.add_argument("--seed", type=int, default=0, help="Seed of the model, sampling and noise draws.")
+    train.add_argument(
+        "--seed", type=int, default=0, help="Seed of init, timesteps, latents, samples; not of DP noise: --noise_seed."
+    )
     io = parser.add_argument_group("output")
     io.add_argument("--output_dir", default="dp-dit-model", help="Pipeline, report, card, checkpoints, samples.")
     io.add_argument(
@@ -231,7 +240,8 @@ def build_parser(description: str) -> argparse.ArgumentParser:
         type=int,
         default=500,
         help="Save a resumable checkpoint every N steps (transformer/ and transformer_ema/ as save_pretrained "
-        "folders; optimizer, lr schedule, accountant history, RNG and step); 0 disables.",
+        "folders; optimizer, lr schedule, accountant history, RNG states, the secret noise generator and sampling "
+        "seed, step): as secret as the training images; 0 disables.",
     )
     io.add_argument("--checkpoints_total_limit", type=int, help="Keep at most this many checkpoints (default: all).")
     io.add_argument(
@@ -239,6 +249,13 @@ def build_parser(description: str) -> argparse.ArgumentParser:
         help="'latest' or a checkpoint folder; epsilon continues from it (default: start a new run).",
     )
     io.add_argument("--report_to", default="tensorboard", help="Accelerate trackers: tensorboard, wandb, all, none.")
+    io.add_argument(
+        "--log_private_metrics",
+        action="store_true",
+        help="Also log each step's training loss and Poisson batch size (trackers and progress bar). They are "
+        "functions of the private data outside the (epsilon, delta) guarantee; the model card then says so. "
+        "Default: epsilon, step, learning rate and throughput at the expected batch only.",
+    )
     io.add_argument("--logging_dir", default="logs", help="Tracker logs, relative to --output_dir.")
     io.add_argument("--tracker_project_name", default="dp-dit", help="Project name given to the trackers.")
     io.add_argument(

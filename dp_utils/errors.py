@@ -16,15 +16,15 @@ class UserError(ValueError):
 def run_script(main: Callable[[], object]) -> int:
     """Run a script's `main`; a UserError becomes `error: <message>` on stderr and exit code 2, no traceback.
 
-    Anything else is a bug or a fault and keeps its traceback.
+    Anything else is a bug or a fault and keeps its traceback. An int that `main` returns is the exit code.
     """
     try:
-        main()
+        code = main()
     except UserError as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
         _tell_elastic_launcher(f"error: {error}")
         return 2
-    return 0
+    return code if isinstance(code, int) else 0
 
 
 def _tell_elastic_launcher(message: str) -> None:

@@ -7,6 +7,8 @@ from pathlib import Path
 
 from huggingface_hub import ModelCard, ModelCardData, hf_hub_download
 
+from .released import guarantee_notes
+
 DP_TAGS = ["differential-privacy", "dp-sgd"]
 TAGS = ["dit", "diffusers", "class-conditional-image-generation"]
 
@@ -113,5 +115,7 @@ def model_card(
     )
     if private and base_model:
         training += " The guarantee covers the training images, not the data the base model was trained on."
+    if private:
+        sections.append("## What the guarantee covers\n\n" + "\n\n".join(guarantee_notes(report)))
     sections += [f"## Training\n\n{training}", f"## Privacy report\n\n```json\n{json.dumps(report, indent=2)}\n```"]
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n\n".join(sections) + "\n")

@@ -3,8 +3,10 @@
 The scaling by 1 / batch size rides in the noise pass: one read and write of every gradient, not two.
 
 On CPU the draws are serial per generator and fresh tensors fault in fresh pages, so the parameters are split over
-the intra-op threads; each thread draws into one reused scratch buffer with its own generator, seeded from the
-caller's generator (or torch's global one), which keeps runs reproducible and resumable from the RNG state.
+the intra-op threads; each thread draws into one reused scratch buffer, the caller's thread from the caller's
+generator (or torch's global one), each other thread from its own generator, whose whole state is expanded from 248
+bits drawn from the caller's: runs stay resumable from the caller's generator state, and no thread's stream is one
+of the 2^32 that torch's `manual_seed` gives.
 
 On an accelerator, one randn + mul + add per parameter is three small kernels per tensor (thousands per step for a
 DiT-XL); `add_noise_foreach_` instead draws one flat normal vector per chunk of tensors (at most CHUNK_NUMEL
@@ -21,7 +23,10 @@ import threading
 
 import torch
 
+from .randomness import fork_entropy, generator_from_entropy
+
 CHUNK_NUMEL = 2**26  # elements per flat draw on an accelerator: 256 MiB of fp32 scratch at most
+NUMEL_PER_THREAD = 2**15  # on CPU, fewer elements per share than this are drawn on fewer threads
 
 
 class NoiseError(RuntimeError):
@@ -57,33 +62,41 @@ class GaussianNoise:
     def _add_on_threads_(
         self, tensors: list[torch.Tensor], std: float, generator: torch.Generator | None, scale: float
     ) -> None:
-        """The CPU pass: one share of the tensors per intra-op thread; every thread's failure is collected."""
-        shares = _balanced_shares(tensors, torch.get_num_threads())
-        seeds = torch.randint(2**63 - 1, (len(shares),), generator=generator).tolist()
+        """The CPU pass: one share of the tensors per intra-op thread (the caller is one); every failure is collected.
+
+        Small gradients get fewer shares (at least NUMEL_PER_THREAD elements each): starting a thread costs more than
+        drawing a few thousand normals.
+        """
+        total = sum(t.numel() for t in tensors)
+        shares = _balanced_shares(tensors, min(torch.get_num_threads(), math.ceil(total / NUMEL_PER_THREAD)))
+        entropies = fork_entropy(generator, len(shares) - 1)  # drawn before share 0 draws from `generator`
         failures: list[BaseException] = []
 
-        def run(share: list[torch.Tensor], seed: int, index: int) -> None:
+        def run(share: list[torch.Tensor], entropy: list[int] | None, index: int) -> None:
             try:
-                self._add_share(share, std, scale, seed, index)
+                source = generator if entropy is None else generator_from_entropy(entropy)
+                self._add_share(share, std, scale, source, index)
             except BaseException as error:  # re-raised below, in the caller's thread
                 failures.append(error)
 
         workers = [
-            threading.Thread(target=run, args=(share, seed, i))
-            for i, (share, seed) in enumerate(zip(shares, seeds, strict=True))
+            threading.Thread(target=run, args=(share, entropy, i))
+            for i, (share, entropy) in enumerate(zip(shares[1:], entropies, strict=True), start=1)
         ]
         for worker in workers:
             worker.start()
+        run(shares[0], None, 0)  # the caller's share, from the caller's generator
         for worker in workers:
             worker.join()
         if failures:
             raise NoiseError(
-                f"Adding Gaussian noise failed in {len(failures)} of {len(workers)} threads ({failures[0]!r}): "
+                f"Adding Gaussian noise failed in {len(failures)} of {len(shares)} threads ({failures[0]!r}): "
                 "some gradients have no noise, so this step must not be taken or accounted."
             ) from failures[0]
 
-    def _add_share(self, share: list[torch.Tensor], std: float, scale: float, seed: int, index: int) -> None:
-        generator = torch.Generator().manual_seed(seed)
+    def _add_share(
+        self, share: list[torch.Tensor], std: float, scale: float, generator: torch.Generator | None, index: int
+    ) -> None:
         with torch.no_grad():
             for t in share:
                 scratch = self._scratch.get((index, t.dtype))

@@ -5,7 +5,9 @@ Noise, scaling and accounting follow Opacus' fast-gradient-clipping optimizers: 
 accountant's step hook. Our optimizers own those stages (in place, in one pass, and never accounted when the noise
 failed). Poisson sampling is Opacus' `DPDataLoader` in one process and our lock-step `PoissonBatchSampler` across
 processes (Opacus' distributed sampler skips empty local batches, so ranks can take different numbers of steps and
-hang in the all-reduce).
+hang in the all-reduce). Noise and batches come from a secret drawn from the operating system unless the caller
+passes a generator or a sampling seed (`dp_utils.randomness`): torch's global RNG, which `torch.manual_seed` and
+checkpoints replay, drives neither.
 
 Arguments are checked before anything is built: a bad one raises `UserError` naming the problem and the fix.
 """
@@ -39,6 +41,7 @@ from .errors import UserError
 from .groups import RowGroups
 from .losses import DPCriterion, per_sample_mse
 from .noise import GaussianNoise, add_secure_noise_, tensor_chunks
+from .randomness import generator_from_entropy, secret_seed, shared_secret_seed
 from .sampling import poisson_data_loader
 
 GRAD_SAMPLE_MODES = (*MODES, "opacus_ghost", "opacus_hooks")
@@ -174,6 +177,11 @@ class PrivacyEngine:
     """Opacus-style entry point; keeps the accountant that `get_epsilon` reads."""
 
     def __init__(self, accountant: str = "prv", secure_mode: bool = False):
+        """`secure_mode`: noise drawn as Holohan et al.'s sum of four Gaussians (robust to floating-point attacks).
+
+        The generator is secret in every mode (OS entropy over its whole state, see `dp_utils.randomness`); torch
+        ships no cryptographic generator, so secure_mode does not make it one.
+        """
         if accountant not in ACCOUNTANTS:
             raise UserError(f"accountant must be one of {ACCOUNTANTS}, got {accountant!r}; prv is the tightest.")
         self.accountant = create_accountant(mechanism=accountant)
@@ -209,8 +217,11 @@ class PrivacyEngine:
         rows of the batch, clipped as one (the gradient of the sum of its row losses); or pass `group_ids=` to
         the criterion call. `distributed=True` (one process per rank, no DDP wrapper) makes each rank sample its
         share of the Poisson batch and adds the noise once in total; its batches follow `sampling_seed`, the same
-        on every rank (None: rank 0 draws one from torch's RNG and sends it to all), so that a resumed run can
-        rebuild them (`data_loader.batch_sampler.set_step`).
+        on every rank, so that a resumed run can rebuild them (`data_loader.batch_sampler.set_step`).
+
+        The noise comes from `noise_generator` and the batches from `sampling_seed`; None (the default) draws them
+        from the operating system's entropy (rank 0's, sent to all), so that nobody can replay them. Keep what you
+        pass as secret as the data: whoever knows it can subtract the noise.
 
         Input contract (what the accounting assumes): every layer sees the batch first, one forward per backward,
         and an example appears at most once per logical batch. Bad arguments raise `UserError` before the model or
@@ -247,11 +258,15 @@ class PrivacyEngine:
                 "takes minutes per epsilon (and the guarantee means little): use accountant 'rdp' (--accountant rdp) "
                 "or more noise."
             )
+        if noise_generator is None:
+            device = next((p.device for p in module.parameters()), torch.device("cpu"))
+            noise_generator = generator_from_entropy(secret_seed(), device)
         if poisson_sampling and distributed:
-            seed = _shared_seed() if sampling_seed is None else sampling_seed
+            seed = shared_secret_seed() if sampling_seed is None else sampling_seed
             data_loader = poisson_data_loader(data_loader, seed=seed, distributed=True)
         elif poisson_sampling:
-            data_loader = DPDataLoader.from_data_loader(data_loader)
+            entropy = secret_seed() if sampling_seed is None else sampling_seed
+            data_loader = DPDataLoader.from_data_loader(data_loader, generator=generator_from_entropy(entropy))
         if distributed:
             expected_batch_size /= torch.distributed.get_world_size()  # per rank, as Opacus does
 
@@ -469,13 +484,6 @@ def _quiet_backward_hooks() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
         yield
-
-
-def _shared_seed() -> int:
-    """A seed drawn from torch's RNG on rank 0 and sent to every rank, so that all ranks agree on the batches."""
-    seed = [int(torch.randint(2**63 - 1, ()).item())]
-    torch.distributed.broadcast_object_list(seed, src=0)
-    return seed[0]
 
 
 def _opacus_rows_only(group_ids):

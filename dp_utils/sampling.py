@@ -4,17 +4,17 @@ DP-SGD's accounting assumes that at every step each row joins the batch independ
 Opacus' distributed sampler draws that, but skips a rank's empty local batch, so ranks can disagree on the number
 of steps and hang in the gradient all-reduce. Here the mask of a step is a function of (seed, step) alone:
 
-    mask_s = U_s < q,   U_s ~ Uniform[0, 1)^N from a generator seeded by hash(seed, s)
+    mask_s = U_s < q,   U_s ~ Uniform[0, 1)^N from a generator whose whole state is expanded from (seed, s)
     rank r yields {i : mask_s[i], i = r mod W} for every step s, empty or not
 
 so the union over ranks is the global draw whatever the world size W, and a run restarted at step k draws
-exactly what an uninterrupted run draws from step k on.
+exactly what an uninterrupted run draws from step k on. The amplification by subsampling holds only while the
+batches stay secret: the seed is a 128-bit secret (`dp_utils.randomness`), checkpointed, never published.
 """
 
 from __future__ import annotations
 
 import copy
-import hashlib
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -22,12 +22,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, Sampler
 
 from .errors import UserError
-
-
-def _step_seed(seed: int, step: int) -> int:
-    """A 64-bit seed for one step's mask; hashed so that nearby (seed, step) pairs give unrelated streams."""
-    digest = hashlib.blake2b(f"{seed}:{step}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little")
+from .randomness import generator_from_entropy
 
 
 class PoissonBatchSampler(Sampler[list[int]]):
@@ -74,7 +69,7 @@ class PoissonBatchSampler(Sampler[list[int]]):
 
     def indices_at(self, step: int) -> list[int]:
         """This rank's rows in the Poisson batch of global step `step`."""
-        generator = torch.Generator().manual_seed(_step_seed(self.seed, step))
+        generator = generator_from_entropy([self.seed, step])  # nearby (seed, step) pairs: unrelated streams
         # float64 so that a row's inclusion probability is q itself, not q rounded to float32's 2^-24 grid
         mask = torch.rand(self.num_samples, generator=generator, dtype=torch.float64) < self.sample_rate
         local = mask[self.rank :: self.world_size].nonzero().flatten()

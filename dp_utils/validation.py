@@ -100,6 +100,10 @@ def check_flags(args: argparse.Namespace) -> None:
     )
     _need(_finite(args.ema_decay, 0, 1), f"--ema_decay must be in [0, 1], got {args.ema_decay} (DiT: 0.9999).")
     _need(0 <= args.seed < 2**32, f"--seed must be in [0, 2**32), got {args.seed}.")
+    _need(
+        args.noise_seed is None or args.noise_seed >= 0,
+        f"--noise_seed must be >= 0, got {args.noise_seed}; leave it out for secret noise (the default).",
+    )
     opacus = args.grad_sample_mode.startswith("opacus")
     _need(
         args.grad_sample_mode != "opacus_ghost" or args.embedders == "freeze",

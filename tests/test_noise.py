@@ -88,10 +88,10 @@ def test_a_failing_thread_raises_after_every_thread_stopped(monkeypatch):
     original = GaussianNoise._add_share
     finished = []
 
-    def add_share(self, share, std, scale, seed, index):
+    def add_share(self, share, std, scale, generator, index):
         if index == 1:
             raise RuntimeError("injected failure")
-        original(self, share, std, scale, seed, index)
+        original(self, share, std, scale, generator, index)
         finished.append(index)
 
     monkeypatch.setattr(GaussianNoise, "_add_share", add_share)
@@ -187,3 +187,16 @@ def test_cuda_noise_is_the_foreach_pass_with_the_asked_std_and_scale():
     again = cuda_tensors()
     GaussianNoise().add_(again, 0.2, torch.Generator("cuda").manual_seed(5), scale=0.5)
     assert all(torch.equal(g, a) for g, a in zip(grads, again, strict=True))
+
+
+def test_small_gradients_are_noised_on_the_callers_thread_from_its_generator(monkeypatch):
+    started = []
+    monkeypatch.setattr(threading.Thread, "start", lambda self: started.append(self))
+    grads = [torch.zeros(100), torch.zeros(7)]
+    GaussianNoise().add_(grads, 0.5, torch.Generator().manual_seed(4))
+    generator = torch.Generator().manual_seed(4)
+    expected = [
+        torch.empty(100).normal_(0, 0.5, generator=generator),
+        torch.empty(7).normal_(0, 0.5, generator=generator),
+    ]
+    assert started == [] and all(torch.equal(g, e) for g, e in zip(grads, expected, strict=True))

@@ -5,6 +5,7 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import free_port
@@ -266,3 +267,26 @@ def test_make_private_on_two_ranks_equals_one_process_over_the_same_rows(tmp_pat
     for r in results:
         for weight, expected in zip(r["weights"], reference["weights"], strict=True):
             torch.testing.assert_close(weight, expected, rtol=1e-12, atol=1e-14)
+
+
+def _binomial_fit_p_value(sizes: list[int], rows: int, q: float) -> float:
+    """Chi-square goodness of fit of batch sizes to Binomial(rows, q), tails pooled so each bin expects >= 5."""
+    from scipy.stats import binom, chisquare
+
+    counts = np.bincount(sizes, minlength=rows + 1).astype(float)
+    expected = binom.pmf(np.arange(rows + 1), rows, q) * len(sizes)
+    low, high = int(binom.ppf(0.01, rows, q)), int(binom.ppf(0.99, rows, q))
+    observed = [counts[: low + 1].sum(), *counts[low + 1 : high], counts[high:].sum()]
+    expected = [expected[: low + 1].sum(), *expected[low + 1 : high], expected[high:].sum()]
+    return chisquare(observed, expected).pvalue
+
+
+def test_batch_sizes_fit_the_binomial_law_across_ranks():
+    rows, q, steps = 200, 0.05, 3000
+    ranks = [PoissonBatchSampler(rows, q, steps, seed=6, rank=r, world_size=2) for r in range(2)]
+    sizes = [len(a) + len(b) for a, b in zip(*ranks, strict=True)]  # the logical batch: both ranks' rows
+    assert _binomial_fit_p_value(sizes, rows, q) > 1e-3
+    fixed = [round(rows * q)] * steps  # a fixed batch of the same mean fails the test
+    assert _binomial_fit_p_value(fixed, rows, q) < 1e-10
+    honest = np.random.default_rng(0).binomial(rows, q, steps).tolist()  # a true binomial passes it
+    assert _binomial_fit_p_value(honest, rows, q) > 1e-3

@@ -43,6 +43,7 @@ BAD_FLAGS = [
     (["--noise_multiplier", "1", "--checkpoints_total_limit", "0"], "--checkpoints_total_limit must be >= 1"),
     (["--noise_multiplier", "1", "--learning_rate", "nan"], "--learning_rate must be finite and > 0"),
     (["--noise_multiplier", "1", "--seed", "-1"], "--seed must be in"),
+    (["--noise_multiplier", "1", "--noise_seed", "-1"], "--noise_seed must be >= 0"),
     (["--noise_multiplier", "1", "--mixed_precision", "fp16"], "fp16 is not supported.*Use --mixed_precision bf16"),
     (["--noise_multiplier", "1", "--grad_sample_mode", "opacus_ghost"], "opacus_ghost needs --embedders freeze"),
     (
