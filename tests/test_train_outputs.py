@@ -75,7 +75,7 @@ def test_push_to_hub_uploads_the_model_but_never_checkpoints_or_logs(
 
 def test_max_train_samples_sets_n_and_workers_build_the_same_batches(tmp_path, pixel_pipeline, digits_cache):
     flags = [*FAST, "--max_train_samples", 50, "--checkpointing_steps", 0, "--lr_scheduler", "cosine"]
-    flags += ["--lr_warmup_steps", 1]
+    flags += ["--lr_warmup_steps", 1, "--noise_seed", 7]  # the same secret batches in both runs
     run_in_process(*pixel_args(pixel_pipeline, digits_cache, tmp_path / "main", *flags))
     workers = ["--dataloader_num_workers", 2]
     run_in_process(*pixel_args(pixel_pipeline, digits_cache, tmp_path / "workers", *flags, *workers))
@@ -97,7 +97,15 @@ REPORT = dict(
     expected_batch_size=100.0,
     max_grad_norm=1e6,
     accountant="prv",
+    trainable="full",
+    trained_parameters=1000,
+    total_parameters=1000,
+    trained=["proj_out_2.weight"],
     frozen=[],
+    fixed_rows=[],
+    lora=None,
+    noise_seed_given=False,
+    private_metrics_logged=False,
 )
 
 
