@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny AutoencoderKL, real sample photos and digits on disk, and latent caches made from them."""
+"""Shared fixtures: tiny DiT pipelines and AutoencoderKL, real photos and digits on disk, latent caches of them."""
 
 import socket
 import sys
@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -25,6 +26,7 @@ PHOTO_FILES = [
 ]
 CORRUPT_FILES = ["cat/truncated.jpg", "misc/garbage.jpg"]
 NUM_DIGITS = 120
+TINY = dict(num_attention_heads=2, attention_head_dim=8, num_layers=2, patch_size=2, num_embeds_ada_norm=1000)
 
 
 def free_port() -> int:
@@ -32,6 +34,18 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def pixel_pipeline(tmp_path_factory) -> Path:
+    """A DiT 'checkpoint' for 8x8 RGB pixels with ImageNet's 1000 classes, laid out like a Hub pipeline."""
+    from diffusers import DDPMScheduler, DiTTransformer2DModel
+
+    path = tmp_path_factory.mktemp("pixel_pipeline")
+    torch.manual_seed(0)
+    DiTTransformer2DModel(in_channels=3, out_channels=6, sample_size=8, **TINY).save_pretrained(path / "transformer")
+    DDPMScheduler(num_train_timesteps=1000).save_pretrained(path / "scheduler")
+    return path
 
 
 @pytest.fixture(scope="session")

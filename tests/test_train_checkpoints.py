@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 from accelerate import Accelerator
-from test_train_dp_dit import pixel_args, run_in_process, save_pixel_pipeline
+from test_train_dp_dit import pixel_args, run_in_process
 
 from dp_utils.checkpoints import list_checkpoints, resolve_checkpoint, save_checkpoint
 from dp_utils.errors import UserError
@@ -63,11 +63,6 @@ def test_total_limit_keeps_the_newest_and_a_step_saved_again_is_replaced(tmp_pat
     save_checkpoint(OneProcess(), tmp_path, 3, total_limit=None)
     assert sorted(p.name for p in (tmp_path / "checkpoint-3").iterdir()) == ["model.safetensors", "optimizer.bin"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2", "checkpoint-3"]
-
-
-@pytest.fixture(scope="module")
-def pixel_pipeline(tmp_path_factory):
-    return save_pixel_pipeline(tmp_path_factory.mktemp("pixel_pipeline"))
 
 
 def test_run_killed_while_saving_resumes_from_the_last_complete_checkpoint(

@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 import torch
-from conftest import REPO_ROOT, free_port
+from conftest import REPO_ROOT, TINY, free_port
 from diffusers import DDPMScheduler, DiTPipeline, DiTTransformer2DModel, DPMSolverMultistepScheduler
 from huggingface_hub import ModelCard
 from PIL import Image
@@ -15,21 +15,6 @@ from PIL import Image
 import train_dp_dit
 from dp_utils.errors import UserError
 from dp_utils.generation import generate
-
-TINY = dict(num_attention_heads=2, attention_head_dim=8, num_layers=2, patch_size=2, num_embeds_ada_norm=1000)
-
-
-def save_pixel_pipeline(path):
-    """A DiT 'checkpoint' for 8x8 RGB pixels with ImageNet's 1000 classes, laid out like a Hub pipeline."""
-    torch.manual_seed(0)
-    DiTTransformer2DModel(in_channels=3, out_channels=6, sample_size=8, **TINY).save_pretrained(path / "transformer")
-    DDPMScheduler(num_train_timesteps=1000).save_pretrained(path / "scheduler")
-    return path
-
-
-@pytest.fixture(scope="session")
-def pixel_pipeline(tmp_path_factory):
-    return save_pixel_pipeline(tmp_path_factory.mktemp("pixel_pipeline"))
 
 
 @pytest.fixture(scope="session")

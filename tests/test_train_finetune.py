@@ -9,7 +9,7 @@ from diffusers import DiTTransformer2DModel
 from diffusers.loaders.peft import PeftAdapterMixin
 from oracle import dit_batch, dit_losses, naive_clipped_sum, private_update, relative_error, tiny_dit
 from safetensors.torch import load_file
-from test_train_dp_dit import pixel_args, run_in_process, save_pixel_pipeline, transformer_weights
+from test_train_dp_dit import pixel_args, run_in_process, transformer_weights
 
 import train_dp_dit
 from dp_utils.adapters import load_lora_weights, lora_config, select_trainable
@@ -17,11 +17,6 @@ from dp_utils.errors import UserError
 from dp_utils.variance import variance_row_indices
 
 STEPS = ["--max_train_steps", 2, "--report_to", "none", "--checkpointing_steps", 0]
-
-
-@pytest.fixture(scope="module")
-def pixel_pipeline(tmp_path_factory):
-    return save_pixel_pipeline(tmp_path_factory.mktemp("pixel_pipeline"))
 
 
 @pytest.fixture(scope="module")

@@ -6,17 +6,12 @@ import pytest
 import torch
 from diffusers import DiTTransformer2DModel
 from opacus.accountants import PRVAccountant
-from test_train_dp_dit import pixel_args, run_in_process, save_pixel_pipeline, transformer_weights
+from test_train_dp_dit import pixel_args, run_in_process, transformer_weights
 
 # Noise-free steps with every gradient clipped (C = 0.01), 16 images per logical batch in pieces of 6, the same
 # batches (--noise_seed): the weights depend only on the clipped sums, which every mode must compute alike.
 CLIPPED = ["--noise_multiplier", 0, "--max_grad_norm", 0.01, "--max_train_steps", 2, "--embedders", "freeze"]
 CLIPPED += ["--report_to", "none", "--checkpointing_steps", 0, "--noise_seed", 0]  # the same batches in every run
-
-
-@pytest.fixture(scope="module")
-def pixel_pipeline(tmp_path_factory):
-    return save_pixel_pipeline(tmp_path_factory.mktemp("pixel_pipeline"))
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import REPO_ROOT
 from huggingface_hub.utils import filter_repo_objects
-from test_train_dp_dit import pixel_args, run_in_process, save_pixel_pipeline, transformer_weights
+from test_train_dp_dit import pixel_args, run_in_process, transformer_weights
 
 import dp_utils.hub
 from dp_utils.arguments import build_parser
@@ -17,11 +17,6 @@ from dp_utils.errors import UserError
 from dp_utils.model_card import model_card
 
 FAST = ["--noise_multiplier", 1.0, "--max_train_steps", 2, "--report_to", "none"]
-
-
-@pytest.fixture(scope="module")
-def pixel_pipeline(tmp_path_factory):
-    return save_pixel_pipeline(tmp_path_factory.mktemp("pixel_pipeline"))
 
 
 def test_help_shows_every_default():

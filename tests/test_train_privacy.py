@@ -3,21 +3,15 @@ private metrics only on request, the global batch size across processes."""
 
 import json
 
-import pytest
 import torch
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from test_train_dp_dit import launch, pixel_args, run_in_process, save_pixel_pipeline, transformer_weights
+from test_train_dp_dit import launch, pixel_args, run_in_process, transformer_weights
 
 from dp_utils.randomness import REPRODUCIBLE_NOISE_WARNING, DPRandomness
 from dp_utils.sampling import PoissonBatchSampler
 
 NOISE_SEED = 918273645
-
-
-@pytest.fixture(scope="module")
-def pixel_pipeline(tmp_path_factory):
-    return save_pixel_pipeline(tmp_path_factory.mktemp("pixel_pipeline"))
 
 
 def _scalars(out) -> dict[str, list[float]]:

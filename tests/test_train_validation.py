@@ -8,16 +8,10 @@ import sys
 import accelerate.utils
 import pytest
 from conftest import REPO_ROOT, free_port
-from test_train_dp_dit import pixel_args, run_in_process, save_pixel_pipeline
+from test_train_dp_dit import pixel_args, run_in_process
 
 import train_dp_dit
 from dp_utils.errors import UserError
-
-
-@pytest.fixture(scope="module")
-def pixel_pipeline(tmp_path_factory):
-    return save_pixel_pipeline(tmp_path_factory.mktemp("pixel_pipeline"))
-
 
 BASE = ["--model_config", "DiT-S/2", "--latent_cache", "cache"]
 BAD_FLAGS = [
