@@ -22,19 +22,26 @@ LOW_PRECISION = (torch.bfloat16, torch.float16)
 _CUDA_FP32_OUTPUT = all(hasattr(op, "dtype") for op in (torch.ops.aten.mm, torch.ops.aten.bmm))  # torch >= 2.8
 
 
+@functools.cache
 def unit_roundoff(dtype: torch.dtype) -> float:
     """Largest relative rounding error of a bf16/fp16 result; 0 for fp32 and wider (treated as exact)."""
     return torch.finfo(dtype).eps / 2 if dtype in LOW_PRECISION else 0.0
 
 
+@functools.cache
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """At least fp32: where norms and sums accumulate (cached: torch.promote_types is a dispatched op)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def upcast(x: torch.Tensor) -> torch.Tensor:
     """At least fp32 (norms and sums accumulate there)."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
+    return x.to(accumulation_dtype(x.dtype))
 
 
 def square_sums(x: torch.Tensor) -> torch.Tensor:
     """(E, ...) -> (E,): each example's sum of squares, accumulated in at least fp32."""
-    return torch.linalg.vector_norm(x.flatten(1), dim=1, dtype=torch.promote_types(x.dtype, torch.float32)).square()
+    return torch.linalg.vector_norm(x.flatten(1), dim=1, dtype=accumulation_dtype(x.dtype)).square()
 
 
 def frobenius(x: torch.Tensor) -> torch.Tensor:
@@ -49,11 +56,12 @@ def matmul(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, float]:
     if b.dtype != dtype:
         dtype = torch.promote_types(dtype, b.dtype)
         a, b = a.to(dtype), b.to(dtype)
+    product = torch.mm if a.dim() == 2 else torch.bmm  # not `@`: one op, not four (fewer host calls per layer)
     if dtype not in LOW_PRECISION:
-        return a @ b, 0.0  # fp32 or wider already
+        return product(a, b), 0.0  # fp32 or wider already
     if a.is_cuda and _CUDA_FP32_OUTPUT:  # cuBLAS writes the fp32 accumulator out as is
-        return (torch.mm if a.dim() == 2 else torch.bmm)(a, b, out_dtype=torch.float32), 0.0
-    return (a @ b).float(), unit_roundoff(dtype)
+        return product(a, b, out_dtype=torch.float32), 0.0
+    return product(a, b).float(), unit_roundoff(dtype)
 
 
 def in_dtype_rounded_down(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -92,7 +100,8 @@ class NormTerms:
             tensors = [v for v in values if isinstance(v, torch.Tensor)]
             if not tensors:
                 return 0.0
-            dtype = functools.reduce(torch.promote_types, (t.dtype for t in tensors))
+            dtypes = {t.dtype for t in tensors}
+            dtype = dtypes.pop() if len(dtypes) == 1 else functools.reduce(torch.promote_types, dtypes)
             return torch.stack([t.to(dtype) for t in tensors]).sum(0)
 
         fields = ([t.norm_sq for t in terms], [t.norm_sq_error for t in terms], [t.scaling_error_sq for t in terms])

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..groups import RowGroups
-from ..precision import NormTerms, frobenius, matmul, relative_bound, square_sums, unit_roundoff
+from ..precision import NormTerms, accumulation_dtype, frobenius, matmul, relative_bound, square_sums, unit_roundoff
 
 
 @dataclass
@@ -24,18 +24,25 @@ class InputGram:
 
     gram: torch.Tensor  # (E, T, T): A A^T, plus J (all ones) for a trainable bias: [A, 1] [A, 1]^T
     error: float  # relative rounding error of the A A^T entries
-    spectral_sq: torch.Tensor | None = None  # (E,) >= ||[A, 1]||_2^2: how far rounding c * g can move the gradient
+    scaling_sq: torch.Tensor | None = None  # (E,) >= u^2 ||[A, 1]||_2^2: how far rounding c * g moves the gradient
     abs_gram: torch.Tensor | None = None  # |A A^T| (+ J), where the entries are rounded: bounds the norm's error
 
 
-def input_gram(groups: RowGroups, a: torch.Tensor, bias: bool, rounding: bool) -> InputGram:
-    """The augmented Gram of a (B, T, d) and, for bf16/fp16 output gradients (`rounding`), the bounds' terms."""
+def input_gram(groups: RowGroups, a: torch.Tensor, bias: bool, u: float) -> InputGram:
+    """The augmented Gram of a (B, T, d) and, for output gradients of unit roundoff u > 0 (bf16/fp16), the bounds'
+    terms.
+
+    ||[A, 1]||_2^2, the top eigenvalue of [A, 1][A, 1]^T, is at most its Frobenius norm; the exact one's is at most
+    the computed one's plus err times the computed A A^T's, itself at most the computed [A, 1][A, 1]^T's plus
+    ||J||_F = T.
+    """
     gram, error = groups.gram(a)
     inputs = InputGram(gram + 1 if bias else gram, error)
-    if rounding:  # ||[A, 1]||_2^2, the top eigenvalue of [A, 1][A, 1]^T, is at most its Frobenius norm
-        inputs.spectral_sq = frobenius(inputs.gram)
-        if error:
-            inputs.spectral_sq = inputs.spectral_sq + relative_bound(error) * frobenius(gram)
+    if u:
+        err = relative_bound(error)
+        inputs.scaling_sq = frobenius(inputs.gram) * (u**2 * (1 + err))
+        if err and bias:
+            inputs.scaling_sq = inputs.scaling_sq + u**2 * err * gram.shape[-1]
     if error:
         inputs.abs_gram = gram.abs() + 1 if bias else gram.abs()
     return inputs
@@ -52,9 +59,9 @@ def weight_and_bias_norm(module: nn.Module, a: torch.Tensor, g: torch.Tensor, gr
     g_e = groups.tokens(g)  # (E, K*T, p)
     tokens, d, p = g_e.shape[1], a.shape[-1], g.shape[-1]
     if weight and tokens * (d + p) < d * p:
-        inputs = groups.shared(a, (bias, u > 0), lambda: input_gram(groups, a, bias, u > 0))
+        inputs = groups.shared(a, (bias, u), lambda: input_gram(groups, a, bias, u))
         return _ghost_terms(inputs, matmul(g_e, g_e.mT), u)
-    terms = NormTerms(torch.zeros(g_e.shape[0], device=g.device, dtype=torch.promote_types(g.dtype, torch.float32)))
+    terms = NormTerms(torch.zeros(g_e.shape[0], device=g.device, dtype=accumulation_dtype(g.dtype)))
     a_e = groups.tokens(a) if weight else None
     if weight:
         per_example, err = matmul(g_e.mT, a_e)  # (E, p, d) gradients
@@ -84,8 +91,9 @@ def _ghost_terms(inputs: InputGram, grams_g: tuple[torch.Tensor, float], u: floa
             abs_gram.flatten(1), g_flat.abs()
         )
     if u:
-        grad_sq = gram_g.diagonal(dim1=1, dim2=2).sum(1)
-        terms.scaling_error_sq = grad_sq * inputs.spectral_sq * (u**2 * (1 + relative_bound(err_g)))
+        terms.scaling_error_sq = gram_g.diagonal(dim1=1, dim2=2).sum(1) * inputs.scaling_sq
+        if err_g:  # the trace ||G||_F^2 is itself rounded
+            terms.scaling_error_sq = terms.scaling_error_sq * (1 + relative_bound(err_g))
     return terms
 
 
@@ -96,7 +104,7 @@ def matmul_sum(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
 
 def bias_sum(g: torch.Tensor) -> torch.Tensor:
     """sum_b sum_t g_b,t for g (B, T, p), in at least fp32."""
-    return g.sum((0, 1), dtype=torch.promote_types(g.dtype, torch.float32))
+    return g.sum((0, 1), dtype=accumulation_dtype(g.dtype))
 
 
 def cat_tokens(pieces: list[torch.Tensor]) -> torch.Tensor:
@@ -117,8 +125,13 @@ def weight_and_bias_sums(module: nn.Module, a: torch.Tensor, g: torch.Tensor) ->
 
 def tokens_of(calls: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Inputs and output gradients of all calls as (B, T_total, d) and (B, T_total, p)."""
-    a = cat_tokens([x.reshape(x.shape[0], -1, x.shape[-1]) for x, _ in calls])
-    return a, cat_tokens([y.reshape(y.shape[0], -1, y.shape[-1]) for _, y in calls])
+    a = cat_tokens([_as_tokens(x) for x, _ in calls])
+    return a, cat_tokens([_as_tokens(y) for _, y in calls])
+
+
+def _as_tokens(x: torch.Tensor) -> torch.Tensor:
+    """(B, ..., d) -> (B, T, d); a (B, T, d) tensor as it is (no view op: one less host call)."""
+    return x if x.dim() == 3 else x.reshape(x.shape[0], -1, x.shape[-1])
 
 
 def linear_norm(module: nn.Linear, calls: list, groups: RowGroups) -> NormTerms:
