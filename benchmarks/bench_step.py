@@ -8,7 +8,8 @@ Each mode runs in its own process (clean peak memory) and loops as a training lo
 prediction stay bound until the next forward). The table gives samples/s and its ratio to non-private training at
 the same batch; peak memory (CUDA max allocated on GPU; on CPU the peak bytes of live tensors from
 `dp_utils.profiling.StorageTracker`, beside peak RSS growth); and the matrix-multiply FLOPs of one step by operand
-dtype (`MatmulFlops`). On CPU with --bf16 every LayerNorm computes in fp32, as CUDA autocast runs it, so that the
+dtype (`MatmulFlops`), and the aten ops it dispatches (`OpCount`: the host's work, which bounds a GPU step when its
+kernels are small). On CPU with --bf16 every LayerNorm computes in fp32, as CUDA autocast runs it, so that the
 step sees the dtypes a GPU step sees. One JSON line per mode follows the table. On CPU every mode runs with glibc
 keeping freed memory, as the trainer does (`dp_utils.cpu_memory`); `--default_malloc` leaves glibc's defaults.
 """
@@ -31,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import dp_utils  # noqa: E402
 from dp_utils.cpu_memory import retain_freed_memory  # noqa: E402
 from dp_utils.model import PRESETS, disable_label_dropout, dit_from_preset  # noqa: E402
-from dp_utils.profiling import MatmulFlops, StorageTracker, layer_norms_in_fp32  # noqa: E402
+from dp_utils.profiling import MatmulFlops, OpCount, StorageTracker, layer_norms_in_fp32  # noqa: E402
 
 MODES = ("non_private", "flash_bk", "flash", "opacus_ghost", "opacus_hooks")
 
@@ -110,6 +111,8 @@ def run_mode(args) -> dict:
             tracked = dict(tensor_peak_mib=tracker.peak / 2**20, alive_after_step_mib=tracker.live / 2**20)
         with MatmulFlops() as flops:
             step()
+        with OpCount() as ops:
+            step()
     median = statistics.median(times)
     return dict(
         mode=args.mode,
@@ -125,6 +128,7 @@ def run_mode(args) -> dict:
         peak_gib=peak,
         **tracked,
         matmul_gflop={str(dtype).removeprefix("torch."): n / 1e9 for dtype, n in flops.by_dtype.items()},
+        aten_ops=ops.ops,
         frozen_params=len(frozen),
         malloc_retains_freed=retained,
         trainable=sum(p.numel() for p in params),
@@ -156,11 +160,14 @@ def main(args):
         + (", layer norms in fp32 as on CUDA" if any(r.get("fp32_layer_norms") for r in results) else "")
         + (", glibc malloc keeps freed memory" if any(r.get("malloc_retains_freed") for r in results) else "")
     )
-    print(f"| mode | s/step | samples/s | vs non-private | {memory} | vs non-private | matmul GFLOP (fp32 share) |")
-    print("|---|---|---|---|---|---|---|")
+    print(
+        f"| mode | s/step | samples/s | vs non-private | {memory} | vs non-private | matmul GFLOP (fp32 share) "
+        "| aten ops/step |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
     for r in results:
         if "error" in r:
-            print(f"| {r['mode']} | {r['error'][:100]} | | | | | |")
+            print(f"| {r['mode']} | {r['error'][:100]} | | | | | | |")
             continue
         r["vs_non_private"] = r["samples_per_s"] / base["samples_per_s"] if base else float("nan")
         r["memory_vs_non_private"] = r[memory_key] / base[memory_key] if base else float("nan")
@@ -170,7 +177,7 @@ def main(args):
         print(
             f"| {r['mode']} | {r['s_per_step']:.3f} | {r['samples_per_s']:.1f} | {r['vs_non_private']:.2f} "
             f"| {r[memory_key]:.{2 if on_gpu else 0}f}{rss} | {r['memory_vs_non_private']:.2f} "
-            f"| {sum(gflop.values()):.1f} ({wide / sum(gflop.values()):.0%}) |"
+            f"| {sum(gflop.values()):.1f} ({wide / sum(gflop.values()):.0%}) | {r['aten_ops']} |"
         )
     for r in results:
         print(json.dumps(r))

@@ -3,6 +3,8 @@
 - `StorageTracker` counts the bytes of every tensor storage allocated while it is active, for as long as the storage
   lives, and records the peak: what a caching allocator would need at least, without its rounding or caching.
 - `MatmulFlops` counts the FLOPs of every matrix multiply (torch's flop formulas per aten op) by operand dtype.
+- `OpCount` counts the aten ops a step dispatches: the host's share of a step (each costs Python and dispatch time,
+  and most launch a kernel on a GPU), measured exactly on any machine.
 - `layer_norms_in_fp32` makes a CPU autocast step see what a CUDA one sees: CUDA autocast runs layer_norm in fp32
   (its output, hence the next layer's input, is fp32); CPU autocast keeps the input's dtype.
 """
@@ -93,6 +95,18 @@ class MatmulFlops(TorchDispatchMode):
     def fraction(self, *dtypes: torch.dtype) -> float:
         """Share of all counted FLOPs whose operands have one of `dtypes`."""
         return sum(self.by_dtype[d] for d in dtypes) / max(self.total, 1)
+
+
+class OpCount(TorchDispatchMode):
+    """The number of aten ops dispatched while active (views and metadata ops included: each is a host call)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        return func(*args, **(kwargs or {}))
 
 
 def _shapes(tree):

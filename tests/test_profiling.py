@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from dp_utils.profiling import MatmulFlops, StorageTracker, layer_norms_in_fp32
+from dp_utils.profiling import MatmulFlops, OpCount, StorageTracker, layer_norms_in_fp32
 
 
 def test_storage_tracker_counts_live_bytes_and_the_peak():
@@ -28,6 +28,14 @@ def test_matmul_flops_are_counted_by_operand_dtype():
             nn.functional.linear(x, w)
     assert flops.by_dtype == {torch.float32: 1024, torch.bfloat16: 1024}
     assert flops.fraction(torch.float32) == 0.5
+
+
+def test_op_count_counts_every_dispatched_op():
+    x = torch.randn(3, 4)
+    with OpCount() as count:
+        y = x.t()  # a view: one op
+        (y @ x).sum()  # mm and sum (a 2-D @ is one mm)
+    assert count.ops == 3
 
 
 def test_layer_norms_compute_in_fp32_under_autocast_as_on_cuda():
