@@ -19,6 +19,7 @@ import logging
 import math
 import shutil
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -31,6 +32,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 import dp_utils
+from dp_utils.adapters import LORA_TARGET_MODULES, TRAINABLE, lora_config, select_trainable, trained_parameters
 from dp_utils.checkpoints import TrainState, resolve_checkpoint, save_checkpoint
 from dp_utils.cpu_memory import retain_freed_memory
 from dp_utils.data import LatentDataset, load_latent_cache
@@ -38,10 +40,11 @@ from dp_utils.distributed import check_world_size, run_on_cpu
 from dp_utils.errors import UserError, run_script
 from dp_utils.model import (
     PRESETS,
+    checkpoint_id2label,
     disable_label_dropout,
     dit_from_preset,
     drop_labels,
-    resize_label_table,
+    fit_label_table,
 )
 from dp_utils.outputs import log_validation, save_pipeline
 from dp_utils.sampling import PoissonBatchSampler
@@ -54,6 +57,7 @@ from dp_utils.validation import (
     previous_run_files,
     run_warnings,
 )
+from dp_utils.variance import keep_rows_fixed, variance_rows
 
 logger = get_logger(__name__)
 
@@ -92,9 +96,23 @@ def open_data_and_model(args):
     """The DiT with its label table fitted to the cache's classes, and the cache as a dataset, validated together."""
     info = load_latent_cache(args.train_data_dir)[1]  # a missing or stale cache is a UserError there
     model, scheduler, vae = load_model(args, info)
-    if info["conditional"] and model.config.num_embeds_ada_norm != info["num_classes"]:
-        logger.info(f"Resizing the label table to the dataset's {info['num_classes']} classes plus the null class.")
-        resize_label_table(model, info["num_classes"])
+    mapping, pretrained = None, args.pretrained_model_name_or_path
+    if info["conditional"]:  # the checkpoint's rows of the dataset's classes are kept, matched by name
+        id2label = checkpoint_id2label(pretrained, model) if pretrained else None
+        mapping = fit_label_table(model, info["class_names"], id2label, args.new_class_init)
+        logger.info(
+            f"Resizing the label table to the dataset's {info['num_classes']} classes plus the null class: "
+            f"{mapping.describe(info['class_names'])}."
+        )
+        if mapping.new and args.embedders == "freeze":
+            logger.warning("The new classes' label rows stay at their initialisation: the embedders are frozen.")
+    adapter_suffices = pretrained and (mapping is None or mapping.identity)  # the checkpoint + the adapter
+    if args.trainable == "lora" and not args.save_merged and not adapter_suffices:
+        logger.warning(
+            "The LoRA adapter alone cannot reproduce this model (its label table or base is not the checkpoint's): "
+            "the merged pipeline is saved too (--save_merged)."
+        )
+        args.save_merged = True
     null_label = model.config.num_embeds_ada_norm
     dataset = LatentDataset(args.train_data_dir, model.config, null_label=null_label, random_flip=not args.no_flip)
     return model, scheduler, vae, dataset, null_label
@@ -143,7 +161,10 @@ def main(args):
         logger.warning(warning)
 
     disable_label_dropout(transformer)
-    frozen = dp_utils.freeze_embedders(transformer) if args.embedders == "freeze" else []
+    lora = lora_config(args.lora_rank, args.lora_alpha, args.lora_target_modules) if args.trainable == "lora" else None
+    select_trainable(transformer, args.trainable, args.embedders == "train", lora)  # before any per-rank seed
+    if args.embedders == "freeze":
+        dp_utils.freeze_embedders(transformer)
     if args.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     transformer.to(accelerator.device).train()
@@ -156,6 +177,9 @@ def main(args):
         betas=(args.adam_beta1, args.adam_beta2),
         weight_decay=args.adam_weight_decay,
     )
+    fixed = variance_rows(transformer, transformer.config.in_channels)  # the learned-variance half stays as loaded
+    keep_rows_fixed(optimizer, fixed)  # on the optimizer that applies the update: after the DP noise
+    trained = trained_parameters(transformer, args.trainable, fixed)
     world = accelerator.num_processes
     k = args.noise_multiplicity
 
@@ -225,7 +249,7 @@ def main(args):
     logger.info(
         f"{n} images, q = {sample_rate:.4g} (expected batch {n * sample_rate:.1f}), {max_train_steps} steps, "
         f"sigma = {optimizer.noise_multiplier:.4g}, C = {args.max_grad_norm}, delta = {delta:.2g}, "
-        f"frozen: {len(frozen)} tensors"
+        f"{trained.describe()}"
     )
     sampler = PoissonBatchSampler(
         n,
@@ -301,7 +325,7 @@ def main(args):
             max_grad_norm=args.max_grad_norm,
             grad_sample_mode=args.grad_sample_mode,
             noise_multiplicity=k,
-            frozen=frozen,
+            **asdict(trained),
             unit_of_privacy="one training image (one cache row, all its views)",
             world_size=world,
         )
@@ -325,12 +349,51 @@ def parse_args(input_args=None):
         "the cache, learned variance as in DiT) or the path of a DiTTransformer2DModel config.json.",
     )
     model.add_argument(
+        "--trainable",
+        choices=TRAINABLE,
+        default="full",
+        help="What DP-SGD trains (default: %(default)s). full: every parameter; attention: the attention modules "
+        "only (q, k, v, out; as DP-LDM); lora: peft LoRA adapters on --lora_target_modules, saved as "
+        "pytorch_lora_weights.safetensors (diffusers' LoRA layout). Fewer trained parameters, less noise in total. "
+        "In every mode the variance half of a learned-sigma DiT's output (proj_out_2's variance rows) keeps the "
+        "checkpoint's weights: the saved model suits samplers that use the noise prediction only (DiTPipeline's "
+        "default, DPM-Solver, DDIM, DDPM with a fixed variance); DDPM with variance_type='learned_range' uses the "
+        "checkpoint's variance prediction, untrained on the new data (random when training from scratch).",
+    )
+    model.add_argument(
         "--embedders",
         choices=["train", "freeze"],
-        default="train",
-        help="train: every "
-        "parameter is trained, the reused first embedder included (exact per-example clipping); "
-        "freeze: freeze every timestep/class embedder, the Opacus ghost-clipping work-around.",
+        default=None,
+        help="train: the timestep/class embedders are trained too, the reused first embedder included (exact "
+        "per-example clipping; in attention mode, the only way new classes' rows learn); freeze: freeze them, the "
+        "Opacus ghost-clipping work-around. Default: train with --trainable full, freeze otherwise (a LoRA file "
+        "cannot hold them: lora refuses train).",
+    )
+    model.add_argument("--lora_rank", type=int, default=4, help="LoRA rank r (default: %(default)s).")
+    model.add_argument(
+        "--lora_alpha",
+        type=float,
+        help="LoRA alpha: the adapter's update is scaled by alpha / r (default: the rank, scale 1).",
+    )
+    model.add_argument(
+        "--lora_target_modules",
+        nargs="+",
+        default=LORA_TARGET_MODULES,
+        help="Module names (peft target_modules) that get LoRA adapters (default: %(default)s, the attention "
+        "projections). DiT's other linear layers: ff.net.0.proj ff.net.2 norm1.linear proj_out_1 proj_out_2.",
+    )
+    model.add_argument(
+        "--save_merged",
+        action="store_true",
+        help="With --trainable lora, also save the model with the adapter merged as a full DiTPipeline folder (done "
+        "anyway when the adapter alone cannot reproduce it: a label table refitted to new classes).",
+    )
+    model.add_argument(
+        "--new_class_init",
+        default="null",
+        help="Fine-tuning: the dataset's classes keep the checkpoint's label rows of the same name (its id2label); a "
+        "class it lacks starts from: null (the unconditional row), mean (the mean of its class rows), or the name "
+        "of a checkpoint class, e.g. a close ImageNet class (default: %(default)s).",
     )
     model.add_argument(
         "--class_dropout_prob",
@@ -462,6 +525,8 @@ def parse_args(input_args=None):
     io.add_argument("--guidance_scale", type=float, default=4.0, help="Classifier-free guidance scale.")
     io.add_argument("--num_inference_steps", type=int, default=25, help="DPM-Solver steps when sampling.")
     args = parser.parse_args(input_args)
+    if args.embedders is None:  # full fine-tuning trains them; attention and LoRA keep the checkpoint's
+        args.embedders = "train" if args.trainable == "full" else "freeze"
     check_flags(args)
     if args.report_to == "none":
         args.report_to = None

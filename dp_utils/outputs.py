@@ -10,6 +10,7 @@ import torch
 from diffusers import DDPMScheduler, DiTPipeline, DPMSolverMultistepScheduler
 from PIL import Image
 
+from .adapters import merge_lora, save_lora_weights
 from .generation import generate
 from .model import pad_label_table_for_pipeline
 
@@ -76,15 +77,24 @@ def save_pipeline(args, model, ema, scheduler, vae, dataset, report) -> None:
     out = Path(args.output_dir)
     if ema is not None:
         ema.copy_to(model.parameters())  # sampling uses the EMA weights
-    pad_label_table_for_pipeline(model)
-    id2label = dict(enumerate(dataset.class_names)) if dataset.conditional else None
-    if vae is not None:
-        DiTPipeline(
-            transformer=model, vae=vae, scheduler=sampling_scheduler(scheduler, pixel_space=False), id2label=id2label
-        ).save_pretrained(out)
-    else:  # pixel space: no VAE to decode with; the transformer and scheduler are the model
-        model.save_pretrained(out / "transformer")
-        sampling_scheduler(scheduler, pixel_space=True).save_pretrained(out / "scheduler")
+    if report["trainable"] == "lora":
+        save_lora_weights(model, out)
+        merge_lora(model)
+    if report["trainable"] != "lora" or args.save_merged:
+        pad_label_table_for_pipeline(model)
+        id2label = dict(enumerate(dataset.class_names)) if dataset.conditional else None
+        if id2label is not None:
+            model.register_to_config(id2label=id2label)  # read back by model.checkpoint_id2label when fine-tuned
+        if vae is not None:
+            DiTPipeline(
+                transformer=model,
+                vae=vae,
+                scheduler=sampling_scheduler(scheduler, pixel_space=False),
+                id2label=id2label,
+            ).save_pretrained(out)
+        else:  # pixel space: no VAE to decode with; the transformer and scheduler are the model
+            model.save_pretrained(out / "transformer")
+            sampling_scheduler(scheduler, pixel_space=True).save_pretrained(out / "scheduler")
     (out / "privacy_report.json").write_text(json.dumps(report, indent=2))
     (out / "README.md").write_text(model_card(report))
 
@@ -107,7 +117,25 @@ def model_card(report: dict) -> str:
         f"# DiT fine-tuned with DP-SGD\n\nTrained by `train_dp_dit.py` with {guarantee}\n\n"
         f"{report['steps']} steps of Poisson sampling at rate {report['sample_rate']:.4g} on "
         f"{report['dataset_size']} images, noise multiplier {report['noise_multiplier']:.4g}, clipping norm "
-        f"{report['max_grad_norm']} ({report['accountant']} accountant). Frozen: {report['frozen'] or 'nothing'}. "
+        f"{report['max_grad_norm']} ({report['accountant']} accountant). {_trained_note(report)}"
         "The guarantee covers the training images, not the data of a pretrained checkpoint.\n\n"
         f"```json\n{json.dumps(report, indent=2)}\n```\n"
+    )
+
+
+def _trained_note(report: dict) -> str:
+    """What was trained; for a LoRA run, how to load the adapter (DiTPipeline has no LoRA loader of its own)."""
+    trained = f"{report['trainable']}: {', '.join(report['trained'])}" if report["frozen"] else "every parameter"
+    text = f"Trained: {report['trained_parameters']:,} of {report['total_parameters']:,} parameters ({trained})"
+    if report["fixed_rows"]:
+        text += f", the variance rows of {', '.join(report['fixed_rows'])} kept as loaded"
+    text += ". "
+    if report["trainable"] != "lora":
+        return text
+    return text + (
+        f"The LoRA adapter (rank {report['lora']['rank']}, alpha {report['lora']['alpha']:g}) is in "
+        "`pytorch_lora_weights.safetensors`, diffusers' LoRA layout, for the transformer of the checkpoint it was "
+        "trained from: `dp_utils.adapters.load_lora_weights(pipeline.transformer, folder)`, or diffusers' "
+        "`load_lora_adapter(folder, prefix='transformer', weight_name='pytorch_lora_weights.safetensors')` on a "
+        "transformer class with `PeftAdapterMixin`. "
     )

@@ -21,7 +21,16 @@ from .errors import UserError
 from .model import PRESETS
 
 FINISHED_RUN = "privacy_report.json"  # written last, by the main process, when a run has finished
-FINISHED_RUN_FILES = (FINISHED_RUN, "README.md", "model_index.json", "transformer", "scheduler", "vae", "samples")
+FINISHED_RUN_FILES = (
+    FINISHED_RUN,
+    "README.md",
+    "model_index.json",
+    "transformer",
+    "scheduler",
+    "vae",
+    "samples",
+    "pytorch_lora_weights.safetensors",
+)
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 SMALL_DATASET = 1000  # below this many images, DP-SGD's noise swamps the signal at any usual epsilon
 
@@ -123,6 +132,21 @@ def check_flags(args: argparse.Namespace) -> None:
             f"--report_to {args.report_to}: the {args.report_to} package is not installed; install it, or pass "
             "--report_to none.",
         )
+    _need(args.lora_rank >= 1, f"--lora_rank must be >= 1, got {args.lora_rank} (diffusers' scripts: 4 to 128).")
+    _need(
+        args.lora_alpha is None or _finite(args.lora_alpha, 0, low_inclusive=False),
+        f"--lora_alpha must be finite and > 0, got {args.lora_alpha}; leave it out for the rank (scale 1).",
+    )
+    _need(
+        args.trainable != "lora" or args.embedders == "freeze",
+        "--embedders train with --trainable lora: the LoRA weights file cannot hold trained embedders. Use "
+        "--trainable attention --embedders train, or --trainable full.",
+    )
+    _need(
+        args.trainable == "lora" or not args.save_merged,
+        f"--save_merged merges LoRA adapters: it needs --trainable lora (--trainable {args.trainable} saves the "
+        "full pipeline anyway).",
+    )
     _need(
         not (args.overwrite_output_dir and args.resume_from_checkpoint),
         "--overwrite_output_dir deletes the checkpoints --resume_from_checkpoint would continue: give only one.",
