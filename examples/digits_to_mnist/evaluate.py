@@ -114,11 +114,11 @@ def save_labelled_grid(images: torch.Tensor, per_class: int, path: Path, columns
     grid.save(path)
 
 
-def describe(model_dir: Path) -> tuple[str, str]:
-    """Epsilon and steps from the run's privacy report."""
+def describe(model_dir: Path) -> str:
+    """Training images, epsilon and steps from the run's privacy report, as table cells."""
     report = json.loads((model_dir / "privacy_report.json").read_text())
-    epsilon = "inf" if report["epsilon"] is None else f"{report['epsilon']:.2f}"
-    return epsilon, str(report["steps"])
+    epsilon = "inf (no noise)" if report["epsilon"] is None else f"{report['epsilon']:.2f}"
+    return f"{report['dataset_size']} | {epsilon} | {report['steps']}"
 
 
 def main(args):
@@ -135,8 +135,8 @@ def main(args):
         f"Judge (an MLP trained on the 4000 private MNIST digits): {judge_accuracy:.1%} on the 1000 held-out ones, "
         f"{public_accuracy:.1%} on the 1797 public scikit-learn digits.",
         "",
-        "| model | epsilon | steps | recognised as their class | CAS | FD |",
-        "|---|---|---|---|---|---|",
+        "| model | trained on (images) | epsilon | steps | recognised as their class | CAS | FD |",
+        "|---|---|---|---|---|---|---|",
     ]
     print("\n".join(lines), flush=True)
     results = Path(args.results_dir)
@@ -150,8 +150,7 @@ def main(args):
         cas_model = train_classifier(images, labels, args.seed)
         cas = (predict(cas_model, test_images)[0] == test_labels).float().mean().item()
         distance = frechet_distance(features, test_features)
-        epsilon, steps = describe(model_dir)
-        lines.append(f"| {model_dir.name} | {epsilon} | {steps} | {recognised:.1%} | {cas:.1%} | {distance:.1f} |")
+        lines.append(f"| {model_dir.name} | {describe(model_dir)} | {recognised:.1%} | {cas:.1%} | {distance:.1f} |")
         print(lines[-1], flush=True)
         save_labelled_grid(images, per_class, results / "grids" / f"{model_dir.name}.png")
     (results / "results.md").write_text("\n".join(lines) + "\n")
