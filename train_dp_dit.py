@@ -334,9 +334,8 @@ def finish(args, accelerator, run: Run, epsilon: float, repo_id: str | None) -> 
         grid = validate(args, accelerator, run) if args.validation_steps else None
         location = repo_id or args.output_dir
         save_pipeline(args, run.transformer, run.ema, run.scheduler, run.vae, run.dataset, report, grid, location)
-        logger.info(
-            f"Saved the pipeline, privacy_report.json and README.md to {args.output_dir}; epsilon {epsilon:.3f}"
-        )
+        saved = "the LoRA adapter" if args.trainable == "lora" and not args.save_merged else "the pipeline"
+        logger.info(f"Saved {saved}, privacy_report.json and README.md to {args.output_dir}; epsilon {epsilon:.3f}")
         if repo_id is not None:
             push_to_hub(args.output_dir, repo_id, args.logging_dir, args.hub_token)
             logger.info(f"Pushed {args.output_dir} to https://huggingface.co/{repo_id} (checkpoints and logs stay).")

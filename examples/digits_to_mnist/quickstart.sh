@@ -28,7 +28,7 @@ run dp-eps10 --pretrained_model_name_or_path "$public" --target_epsilon 10
 models=("$public" "$out/dp-eps10")
 if [[ "${1:-}" == "--all" ]]; then
     run dp-eps10-attention --pretrained_model_name_or_path "$public" --target_epsilon 10 --trainable attention
-    run dp-eps10-lora --pretrained_model_name_or_path "$public" --target_epsilon 10 --trainable lora --lora_rank 8
+    run dp-eps10-lora --pretrained_model_name_or_path "$public" --target_epsilon 10 --trainable lora --lora_rank 8 --save_merged
     run dp-eps1 --pretrained_model_name_or_path "$public" --target_epsilon 1
     run dp-eps1-attention --pretrained_model_name_or_path "$public" --target_epsilon 1 --trainable attention
     run non-private --pretrained_model_name_or_path "$public" --noise_multiplier 0 --max_grad_norm 1e6
