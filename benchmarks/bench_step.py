@@ -109,9 +109,7 @@ def run_mode(args) -> dict:
                 step()
                 step()
             tracked = dict(tensor_peak_mib=tracker.peak / 2**20, alive_after_step_mib=tracker.live / 2**20)
-        with MatmulFlops() as flops:
-            step()
-        with OpCount() as ops:
+        with MatmulFlops() as flops, OpCount() as ops:
             step()
     median = statistics.median(times)
     return dict(

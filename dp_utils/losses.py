@@ -7,6 +7,8 @@ from collections.abc import Callable
 import torch
 from diffusers.utils import BaseOutput
 
+from .precision import accumulation_dtype
+
 
 def per_sample_mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean squared error of each example over all its elements: (B, ...) -> (B,), in at least fp32."""
@@ -15,7 +17,7 @@ def per_sample_mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tens
             f"prediction {tuple(prediction.shape)} and target {tuple(target.shape)} differ in shape; for DiT with "
             "learned variance, compare the first in_channels output channels: output[:, :C]."
         )
-    dtype = torch.promote_types(prediction.dtype, torch.float32)  # bf16/fp16 outputs: reduce in fp32
+    dtype = accumulation_dtype(prediction.dtype)  # bf16/fp16 outputs: reduce in fp32
     return (prediction.to(dtype) - target.to(dtype)).pow(2).flatten(1).mean(1)
 
 
