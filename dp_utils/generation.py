@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
-from diffusers import AutoencoderKL, DiTTransformer2DModel
+from diffusers import AutoencoderKL, DiTTransformer2DModel, DPMSolverMultistepScheduler
 from diffusers.schedulers import SchedulerMixin
 
 
@@ -40,3 +42,28 @@ def generate(
         latents = scheduler.step(eps, t, latents).prev_sample
     images = vae.decode(latents / vae.config.scaling_factor).sample if vae is not None else latents
     return (images.float() / 2 + 0.5).clamp(0, 1)
+
+
+def sample_pixel_pipeline(
+    model_dir: str | Path,
+    class_labels: list[int],
+    guidance_scale: float = 4.0,
+    num_inference_steps: int = 25,
+    seed: int = 0,
+) -> torch.Tensor:
+    """Images (N, C, H, W) in [0, 1] from a pixel-space pipeline folder the trainer wrote, with DPM-Solver.
+
+    The null class is the model's first id after the data's classes (ids up to 999 of a saved table are null rows).
+    """
+    model_dir = Path(model_dir)
+    transformer = DiTTransformer2DModel.from_pretrained(model_dir / "transformer").eval()
+    scheduler = DPMSolverMultistepScheduler.from_pretrained(model_dir / "scheduler")
+    return generate(
+        transformer,
+        scheduler,
+        class_labels,
+        null_label=transformer.config.num_embeds_ada_norm,
+        guidance_scale=guidance_scale,
+        num_inference_steps=num_inference_steps,
+        generator=torch.Generator().manual_seed(seed),
+    )

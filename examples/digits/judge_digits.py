@@ -10,29 +10,18 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
-from diffusers import DiTTransformer2DModel, DPMSolverMultistepScheduler
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from sklearn.svm import SVC
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from dp_utils.generation import generate  # noqa: E402
+from dp_utils.generation import sample_pixel_pipeline  # noqa: E402
 
 
 def judge(model_dir: Path, classifier, samples_per_class: int, guidance_scale: float, seed: int) -> float:
     """Fraction of samples the classifier assigns to the class they were generated for."""
-    transformer = DiTTransformer2DModel.from_pretrained(model_dir / "transformer").eval()
-    scheduler = DPMSolverMultistepScheduler.from_pretrained(model_dir / "scheduler")
     labels = [digit for digit in range(10) for _ in range(samples_per_class)]
-    images = generate(
-        transformer,
-        scheduler,
-        labels,
-        null_label=transformer.config.num_embeds_ada_norm,
-        guidance_scale=guidance_scale,
-        generator=torch.Generator().manual_seed(seed),
-    )
+    images = sample_pixel_pipeline(model_dir, labels, guidance_scale, seed=seed)
     features = (images.mean(1) * 16).flatten(1).numpy()  # grey levels 0..16, as the real digits
     return float((classifier.predict(features) == np.array(labels)).mean())
 

@@ -19,12 +19,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import DiTTransformer2DModel, DPMSolverMultistepScheduler
 from PIL import Image, ImageDraw
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from dp_utils.generation import generate  # noqa: E402
+from dp_utils.generation import sample_pixel_pipeline  # noqa: E402
 
 
 class DigitClassifier(nn.Module):
@@ -83,19 +82,8 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
 
 def sample(model_dir: Path, per_class: int, guidance_scale: float, steps: int, seed: int) -> torch.Tensor:
     """Grey samples (10 * per_class, 1, H, W), class c at rows c * per_class ..., from a pixel-space model folder."""
-    transformer = DiTTransformer2DModel.from_pretrained(model_dir / "transformer").eval()
-    scheduler = DPMSolverMultistepScheduler.from_pretrained(model_dir / "scheduler")
     labels = [digit for digit in range(10) for _ in range(per_class)]
-    images = generate(
-        transformer,
-        scheduler,
-        labels,
-        null_label=transformer.config.num_embeds_ada_norm,  # ids 10..999 of a saved table are null rows
-        guidance_scale=guidance_scale,
-        num_inference_steps=steps,
-        generator=torch.Generator().manual_seed(seed),
-    )
-    return images.mean(1, keepdim=True)
+    return sample_pixel_pipeline(model_dir, labels, guidance_scale, steps, seed).mean(1, keepdim=True)
 
 
 def save_labelled_grid(images: torch.Tensor, per_class: int, path: Path, columns: int = 10, scale: int = 3) -> None:
