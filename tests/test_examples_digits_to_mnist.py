@@ -25,10 +25,12 @@ def test_prepare_data_splits_mnist_disjointly(tmp_path):
     assert (np.bincount(private_labels) == 400).all() and (np.bincount(heldout_labels) == 100).all()
     private_bytes = {image.numpy().tobytes() for image in private}
     assert not any(image.numpy().tobytes() in private_bytes for image in heldout)
-    # The framing differs: MNIST keeps a dark border, scikit-learn's digits reach the edge.
+    # The frame is MNIST's (a dark 2-pixel border) for both; the handwriting differs: scikit-learn's 4-bit digits,
+    # upscaled from 8x8, have thicker strokes (more ink) than MNIST's.
     border = torch.ones(16, 16, dtype=torch.bool)
     border[2:-2, 2:-2] = False
-    assert private[:, 0, border].mean() < 0.5 * public[:, 0, border].mean()
+    assert (public[:, 0, border] == 0).all() and private[:, 0, border].mean() < 0.01
+    assert public.mean() > 1.2 * private.mean()
 
 
 def test_frechet_distance_of_gaussians():
