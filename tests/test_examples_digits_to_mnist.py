@@ -43,3 +43,22 @@ def test_frechet_distance_of_gaussians():
     features = np.maximum(rng.normal(size=(500, 64)), 0)
     features[:, :32] = 0  # dead ReLU units: a singular covariance
     assert abs(evaluate.frechet_distance(features, features)) < 1e-6
+
+
+def test_shipped_public_model_is_the_config_and_samples_by_class_name():
+    """The quickstart's public model loads as a Hub checkpoint would, with dit_small.json's architecture."""
+    import json
+
+    from diffusers import DiTPipeline
+
+    folder = REPO_ROOT / "examples/digits_to_mnist/public-model"
+    pipe = DiTPipeline.from_pretrained(folder)
+    config = json.loads((REPO_ROOT / "examples/digits_to_mnist/dit_small.json").read_text())
+    config["num_embeds_ada_norm"] = 1000  # the label table is saved padded to DiTPipeline's 1000 class rows
+    assert {k: pipe.transformer.config[k] for k in config if not k.startswith("_")} == {
+        k: v for k, v in config.items() if not k.startswith("_")
+    }
+    report = json.loads((folder / "privacy_report.json").read_text())
+    assert report["dataset_size"] == 1797 and report["epsilon"] is None  # public data, no noise
+    images = pipe(class_labels=pipe.get_label_ids(["3", "7"]), num_inference_steps=2, output_type="np").images
+    assert images.shape == (2, 16, 16, 3)

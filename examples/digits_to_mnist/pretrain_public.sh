@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The public model of the quickstart, built once into mnist-quickstart/public-model (quickstart.sh calls this when it is
-# missing): a small DiT trained without privacy on scikit-learn's 1797 digits at 16x16, as a Hub checkpoint is made
-# from public data. A killed run continues with the same train_dp_dit.py command and --resume_from_checkpoint latest.
+# How the quickstart's public model (examples/digits_to_mnist/public-model) was made: a small DiT trained without
+# privacy on scikit-learn's 1797 digits at 16x16, as a Hub checkpoint is made from public data. This rebuilds it into
+# mnist-quickstart/public-model (30 min on 2 CPU cores); `PUBLIC_MODEL=mnist-quickstart/public-model quickstart.sh`
+# uses it. A killed run continues with the same train_dp_dit.py command and --resume_from_checkpoint latest.
 #   bash examples/digits_to_mnist/pretrain_public.sh [steps]      (THREADS=1 on a machine others share)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
