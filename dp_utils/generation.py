@@ -53,7 +53,8 @@ def sample_pixel_pipeline(
 ) -> torch.Tensor:
     """Images (N, C, H, W) in [0, 1] from a pixel-space pipeline folder the trainer wrote, with DPM-Solver.
 
-    The null class is the model's first id after the data's classes (ids up to 999 of a saved table are null rows).
+    Guidance takes the model's null class, id `num_embeds_ada_norm` (in a table the trainer saved, padded to 1000 class
+    rows, the ids after the data's classes hold the null row too).
     """
     model_dir = Path(model_dir)
     transformer = DiTTransformer2DModel.from_pretrained(model_dir / "transformer").eval()

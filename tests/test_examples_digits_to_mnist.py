@@ -1,11 +1,13 @@
 """The public -> private example's data split and metrics (examples/digits_to_mnist)."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
+from diffusers import DiTPipeline
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "examples" / "digits_to_mnist"))
@@ -47,10 +49,6 @@ def test_frechet_distance_of_gaussians():
 
 def test_shipped_public_model_is_the_config_and_samples_by_class_name():
     """The quickstart's public model loads as a Hub checkpoint would, with dit_small.json's architecture."""
-    import json
-
-    from diffusers import DiTPipeline
-
     folder = REPO_ROOT / "examples/digits_to_mnist/public-model"
     pipe = DiTPipeline.from_pretrained(folder)
     config = json.loads((REPO_ROOT / "examples/digits_to_mnist/dit_small.json").read_text())
