@@ -2,9 +2,11 @@
 
 For one example with inputs A (T, d) and output gradients G (T, p), the weight gradient is G^T A and
     ||G^T A||_F^2 = <A A^T, G G^T>          (ghost norm, Li et al. 2022; cost T^2 (d + p))
-which avoids the (p, d) matrix when T (d + p) < d p. Calls of a reused module and rows of one example are
-concatenated along T, so the norm is that of the summed gradient, cross terms included. The bias gradient is
-sum_t g_t. Products take the operands in the layer's dtype (bf16 under autocast) and accumulate in fp32.
+which avoids the (p, d) matrix when T (d + p) < d p. With one token (DiT's conditioning layers, 3 in each block)
+the gradient g a^T has rank one and its norm is ||g|| ||a||: two sums of squares, no Gram matrices. Calls of a
+reused module and rows of one example are concatenated along T, so the norm is that of the summed gradient, cross
+terms included. The bias gradient is sum_t g_t. Products take the operands in the layer's dtype (bf16 under
+autocast) and accumulate in fp32.
 """
 
 from __future__ import annotations
@@ -58,6 +60,8 @@ def weight_and_bias_norm(module: nn.Module, a: torch.Tensor, g: torch.Tensor, gr
     u = unit_roundoff(g.dtype)
     g_e = groups.tokens(g)  # (E, K*T, p)
     tokens, d, p = g_e.shape[1], a.shape[-1], g.shape[-1]
+    if tokens == 1:
+        return _rank_one_terms(groups.tokens(a) if weight else None, g_e, bias, u)
     if weight and tokens * (d + p) < d * p:
         inputs = groups.shared(a, (bias, u), lambda: input_gram(groups, a, bias, u))
         return _ghost_terms(inputs, matmul(g_e, g_e.mT), u)
@@ -72,6 +76,17 @@ def weight_and_bias_norm(module: nn.Module, a: torch.Tensor, g: torch.Tensor, gr
     if u:  # ||[A, 1]||_2^2 <= ||[A, 1]||_F^2
         input_sq = (square_sums(a_e) if weight else 0.0) + (tokens if bias else 0.0)
         terms.scaling_error_sq = u**2 * square_sums(g_e) * input_sq
+    return terms
+
+
+def _rank_one_terms(a: torch.Tensor | None, g: torch.Tensor, bias: bool, u: float) -> NormTerms:
+    """One token per example, a (E, 1, d) or None (frozen weight), g (E, 1, p): ||g a^T||^2 + ||g||^2 =
+    ||g||^2 (||a||^2 + 1) from sums of squares in at least fp32 (exact, as fp32 is treated). Rounding c * g moves
+    the contribution by at most u ||g|| ||[a, 1]||, so that bound's square is u^2 times the norm's."""
+    input_sq = (square_sums(a) if a is not None else 0.0) + (1.0 if bias else 0.0)
+    terms = NormTerms(square_sums(g) * input_sq)
+    if u:
+        terms.scaling_error_sq = terms.norm_sq * u**2
     return terms
 
 
