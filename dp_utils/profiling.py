@@ -3,8 +3,9 @@
 - `StorageTracker` counts the bytes of every tensor storage allocated while it is active, for as long as the storage
   lives, and records the peak: what a caching allocator would need at least, without its rounding or caching.
 - `MatmulFlops` counts the FLOPs of every matrix multiply (torch's flop formulas per aten op) by operand dtype.
-- `OpCount` counts the aten ops a step dispatches: the host's share of a step (each costs Python and dispatch time,
-  and most launch a kernel on a GPU), measured exactly on any machine.
+- `OpCount` counts the aten ops a step dispatches, by name: the host's share of a step (each costs Python and dispatch
+  time, and most launch a kernel on a GPU), and the ops that make a GPU's host wait for the device (`host_syncs`),
+  measured exactly on any machine.
 - `layer_norms_in_fp32` makes a CPU autocast step see what a CUDA one sees: CUDA autocast runs layer_norm in fp32
   (its output, hence the next layer's input, is fp32); CPU autocast keeps the input's dtype.
 """
@@ -14,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import types
 import weakref
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterator
 
 import torch
@@ -97,16 +98,44 @@ class MatmulFlops(TorchDispatchMode):
         return sum(self.by_dtype[d] for d in dtypes) / max(self.total, 1)
 
 
+# Ops whose CUDA kernels hand a device value to the host (item(), bool(), data-dependent output shapes): the host
+# waits for every queued kernel before it can go on. "index_by_mask" is x[mask] with a boolean mask (a nonzero).
+HOST_SYNC_OPS = frozenset(
+    {
+        "_local_scalar_dense",
+        "nonzero",
+        "masked_select",
+        "index_by_mask",
+        "repeat_interleave",  # with tensor repeats and no output_size
+        "_unique2",
+        "unique_dim",
+        "unique_consecutive",
+        "equal",
+    }
+)
+
+
 class OpCount(TorchDispatchMode):
-    """The number of aten ops dispatched while active (views and metadata ops included: each is a host call)."""
+    """The aten ops dispatched while active, by name (views and metadata ops included: each is a host call)."""
 
     def __init__(self):
         super().__init__()
-        self.ops = 0
+        self.by_name: Counter[str] = Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops += 1
+        name = func.overloadpacket.__name__
+        if name == "index" and any(i is not None and i.dtype == torch.bool for i in args[1]):
+            name = "index_by_mask"
+        self.by_name[name] += 1
         return func(*args, **(kwargs or {}))
+
+    @property
+    def ops(self) -> int:
+        return sum(self.by_name.values())
+
+    def host_syncs(self) -> dict[str, int]:
+        """The ops counted that make a GPU's host wait for the device, by name."""
+        return {name: n for name, n in self.by_name.items() if name in HOST_SYNC_OPS}
 
 
 def _shapes(tree):

@@ -1,6 +1,6 @@
-"""The engine in a training loop, measured exactly: bytes of live tensors (StorageTracker) and matmul FLOPs by dtype,
-in fp32, bf16 autocast (layer norms in fp32, as CUDA runs them) and with gradient checkpointing, against
-non-private training of the same model on the same batch."""
+"""The engine in a training loop, measured exactly: bytes of live tensors (StorageTracker), matmul FLOPs by dtype and
+ops that would make a GPU's host wait (OpCount), in fp32, bf16 autocast (layer norms in fp32, as CUDA runs them) and
+with gradient checkpointing, against non-private training of the same model on the same batch."""
 
 import contextlib
 
@@ -10,22 +10,23 @@ from oracle import dit_batch, dit_losses, naive_clipped_sum, private_update, rel
 from torch.utils.data import DataLoader, TensorDataset
 
 import dp_utils
-from dp_utils.profiling import MatmulFlops, StorageTracker, layer_norms_in_fp32
+from dp_utils.profiling import MatmulFlops, OpCount, StorageTracker, layer_norms_in_fp32
 
 ROWS = 8
 # DiT-S/2 blocks on 64 tokens (the FLOP ratios depend on width and tokens, not on depth), fewer of them
 CONFIG = dict(num_attention_heads=6, attention_head_dim=64, num_layers=3, sample_size=16)
 
 
-def training_loop(tmp_path, mode: str, bf16: bool = False, checkpointing: bool = False):
-    """A step function over one batch that keeps the last loss and prediction bound, as training loops do."""
+def training_loop(tmp_path, mode: str, bf16: bool = False, checkpointing: bool = False, multiplicity: int = 1):
+    """A step function over one batch that keeps the last loss and prediction bound, as training loops do; with
+    noise multiplicity K, every image of the batch comes K times (K noise draws)."""
     model = tiny_dit(tmp_path, **CONFIG)
     if checkpointing:
         model.enable_gradient_checkpointing()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     criterion = dp_utils.per_sample_mse
     if mode != "non_private":
-        loader = DataLoader(TensorDataset(torch.arange(ROWS)), batch_size=ROWS)
+        loader = DataLoader(TensorDataset(torch.arange(ROWS // multiplicity)), batch_size=ROWS // multiplicity)
         model, optimizer, criterion, _ = dp_utils.make_private(
             module=model,
             optimizer=optimizer,
@@ -34,15 +35,21 @@ def training_loop(tmp_path, mode: str, bf16: bool = False, checkpointing: bool =
             max_grad_norm=1.0,
             grad_sample_mode=mode,
             poisson_sampling=False,
+            noise_multiplicity=multiplicity,
         )
     x, t, y, noise = dit_batch(ROWS, size=16)
+    x, y = (v[: ROWS // multiplicity].repeat_interleave(multiplicity, 0) for v in (x, y))
     state = {}
 
-    def step():
+    def forward_and_backward():
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             state["prediction"] = model(x, timestep=t, class_labels=y).sample[:, :4]
             state["loss"] = criterion(state["prediction"], noise)
         (state["loss"].mean() if mode == "non_private" else state["loss"]).backward()
+
+    def step(measure_host_syncs: OpCount | None = None):
+        with measure_host_syncs or contextlib.nullcontext():
+            forward_and_backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -81,6 +88,20 @@ def test_bf16_step_multiplies_in_bf16(tmp_path):
     assert flops.fraction(torch.float32, torch.float64) == 0
     assert private_flops.fraction(torch.float32, torch.float64) <= 0.05, dict(private_flops.by_dtype)
     assert private_flops.total <= 1.15 * flops.total
+
+
+@pytest.mark.parametrize("mode", ["flash_bk", "flash"])
+@pytest.mark.parametrize("setting", SETTINGS)
+def test_forward_and_backward_never_wait_for_the_device(tmp_path, setting, mode):
+    """No op that hands a device value to the host (item(), a boolean mask, ...) in the private forward and backward,
+    where a GPU's host would stall once per layer; noise multiplicity 2, as the trainer runs it. (The optimizer's
+    step reads one flag per logical batch, the non-finite check.)"""
+    model, step = training_loop(tmp_path, mode, **SETTINGS[setting], multiplicity=2)
+    count = OpCount()
+    with layer_norms_in_fp32(model) if "bf16" in setting else contextlib.nullcontext():
+        step()
+        step(measure_host_syncs=count)
+    assert count.ops > 0 and count.host_syncs() == {}, count.host_syncs()
 
 
 @pytest.mark.parametrize("mode", ["flash_bk", "flash"])

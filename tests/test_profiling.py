@@ -36,6 +36,18 @@ def test_op_count_counts_every_dispatched_op():
         y = x.t()  # a view: one op
         (y @ x).sum()  # mm and sum (a 2-D @ is one mm)
     assert count.ops == 3
+    assert count.by_name == {"t": 1, "mm": 1, "sum": 1} and count.host_syncs() == {}
+
+
+def test_op_count_names_the_ops_that_wait_for_the_device():
+    x = torch.randn(3, 4)
+    with OpCount() as count:
+        x.sum().item()
+        bool((x > 0).any())
+        x[x > 0]  # data-dependent shapes
+        x.repeat_interleave(torch.tensor([1, 2, 1]), dim=0)
+        x[torch.tensor([0, 2])]  # an index without a mask: no wait
+    assert count.host_syncs() == {"_local_scalar_dense": 2, "index_by_mask": 1, "repeat_interleave": 1}
 
 
 def test_layer_norms_compute_in_fp32_under_autocast_as_on_cuda():
