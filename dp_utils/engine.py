@@ -132,7 +132,7 @@ def _saved_tensors_hooked() -> bool:
 class ClippingEngine:
     """Attaches to a model in place; `backward(losses, groups)` leaves sum_e c_e g_e in every trainable `.grad`."""
 
-    def __init__(self, module: nn.Module, max_grad_norm: float, mode: str = "flash_bk"):
+    def __init__(self, module: nn.Module, max_grad_norm: float, mode: str = "flash_bk", record_norms: bool = False):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if not (isinstance(max_grad_norm, int | float) and math.isfinite(max_grad_norm) and max_grad_norm > 0):
@@ -141,7 +141,9 @@ class ClippingEngine:
         self.max_grad_norm = float(max_grad_norm)
         self.mode = mode
         self.layers = trainable_layers(module)
-        self.per_example_norms: torch.Tensor | None = None  # (E,) norms of the last backward, before clipping
+        # (E,) norms of the last backward, before clipping: derived from the private data, so kept only when asked for
+        self.record_norms = record_norms
+        self.per_example_norms: torch.Tensor | None = None
         self.nonfinite: torch.Tensor | None = None  # True once a norm was not finite; read by the optimizer's step
         self._param_names = {
             p: f"{path}.{n}" if path != "<root module>" else n
@@ -308,7 +310,8 @@ class ClippingEngine:
             if 0 < len(answered) < len(calls):  # a layer all of whose calls answered is counted (or released) already
                 self._add_norms(layer, answered)
         terms = NormTerms.total(self._terms) if self._terms else NormTerms(losses.new_zeros(groups.num_examples))
-        self.per_example_norms = terms.norm_sq.sqrt()
+        if self.record_norms:
+            self.per_example_norms = terms.norm_sq.sqrt()
         nonfinite = ~torch.isfinite(terms.norm_sq).all()
         self.nonfinite = nonfinite if self.nonfinite is None else self.nonfinite | nonfinite
         coef = (self.max_grad_norm / (terms.upper_norm() + 1e-6)).clamp(max=1.0)

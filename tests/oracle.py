@@ -84,9 +84,11 @@ def private_update(model, losses_fn, batch, max_grad_norm: float, mode: str, num
         poisson_sampling=False,
         noise_multiplicity=multiplicity,
     )
+    engine = optimizer.privacy_engine.clipping_engine
+    if engine is not None:
+        engine.record_norms = True
     losses_fn(module, *batch, criterion=lambda out, target: criterion(out, target, **criterion_kwargs)).backward()
     optimizer.step()
-    engine = optimizer.privacy_engine.clipping_engine
     norms = engine.per_example_norms if engine is not None else None
     if engine is not None:
         engine.detach()

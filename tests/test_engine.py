@@ -104,13 +104,23 @@ def test_bf16_autocast_norms_close_to_fp32(tmp_path):
     norms = {}
     for autocast in (False, True):
         model = tiny_dit(tmp_path)
-        engine = ClippingEngine(model, max_grad_norm=1.0)
+        engine = ClippingEngine(model, max_grad_norm=1.0, record_norms=True)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             losses = dit_losses(model, *batch)
         engine.backward(losses, dp_utils.RowGroups(None, 4))
         norms[autocast] = engine.per_example_norms
         assert norms[autocast].dtype == torch.float32
     torch.testing.assert_close(norms[True], norms[False], rtol=1e-2, atol=0)
+
+
+def test_per_example_norms_are_kept_only_when_asked_for(tmp_path):
+    model = tiny_dit(tmp_path)
+    engine = ClippingEngine(model, max_grad_norm=1.0)
+    engine.backward(dit_losses(model, *dit_batch(3)), dp_utils.RowGroups(None, 3))
+    assert engine.per_example_norms is None  # derived from the private data: not kept by default
+    engine.record_norms = True
+    engine.backward(dit_losses(model, *dit_batch(3)), dp_utils.RowGroups(None, 3))
+    assert engine.per_example_norms.shape == (3,) and (engine.per_example_norms > 0).all()
 
 
 def test_unused_module_gets_zero_gradient():

@@ -78,8 +78,8 @@ def test_step_peak_and_leftovers_match_non_private_training(tmp_path, setting, m
     peak, alive, _ = measure(tmp_path, "non_private", **SETTINGS[setting])
     private_peak, private_alive, _ = measure(tmp_path, mode, **SETTINGS[setting])
     assert private_peak <= 1.25 * peak, (private_peak / 2**20, peak / 2**20)
-    # the loss and prediction the loop holds, and the engine's (E,) norms of the last step: nothing else
-    assert private_alive <= alive + 4 * ROWS, (private_alive, alive)
+    # the loss and prediction the loop holds: nothing else (per-example norms are kept only when asked for)
+    assert private_alive <= alive, (private_alive, alive)
 
 
 def test_bf16_step_multiplies_in_bf16(tmp_path):
