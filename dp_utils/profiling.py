@@ -106,7 +106,7 @@ HOST_SYNC_OPS = frozenset(
         "nonzero",
         "masked_select",
         "index_by_mask",
-        "repeat_interleave",  # with tensor repeats and no output_size
+        "repeat_interleave",  # with tensor repeats; counted also where output_size spares the wait
         "_unique2",
         "unique_dim",
         "unique_consecutive",
