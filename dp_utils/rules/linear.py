@@ -61,7 +61,7 @@ def weight_and_bias_norm(module: nn.Module, a: torch.Tensor, g: torch.Tensor, gr
     g_e = groups.tokens(g)  # (E, K*T, p)
     tokens, d, p = g_e.shape[1], a.shape[-1], g.shape[-1]
     if tokens == 1:
-        return _rank_one_terms(groups.tokens(a) if weight else None, g_e, bias, u)
+        return _rank_one_terms(_augmented_square_sums(groups.tokens(a) if weight else None, bias, 1), g_e, u)
     if weight and tokens * (d + p) < d * p:
         inputs = groups.shared(a, (bias, u), lambda: input_gram(groups, a, bias, u))
         return _ghost_terms(inputs, matmul(g_e, g_e.mT), u)
@@ -74,16 +74,20 @@ def weight_and_bias_norm(module: nn.Module, a: torch.Tensor, g: torch.Tensor, gr
     if bias:
         terms.norm_sq = terms.norm_sq + g_e.sum(1, dtype=terms.norm_sq.dtype).pow(2).sum(1)  # ||sum_t g_t||^2
     if u:  # ||[A, 1]||_2^2 <= ||[A, 1]||_F^2
-        input_sq = (square_sums(a_e) if weight else 0.0) + (tokens if bias else 0.0)
-        terms.scaling_error_sq = u**2 * square_sums(g_e) * input_sq
+        terms.scaling_error_sq = u**2 * square_sums(g_e) * _augmented_square_sums(a_e, bias, tokens)
     return terms
 
 
-def _rank_one_terms(a: torch.Tensor | None, g: torch.Tensor, bias: bool, u: float) -> NormTerms:
-    """One token per example, a (E, 1, d) or None (frozen weight), g (E, 1, p): ||g a^T||^2 + ||g||^2 =
+def _augmented_square_sums(a: torch.Tensor | None, bias: bool, tokens: int) -> torch.Tensor | float:
+    """||[A, 1]||_F^2 per example: the input's sum of squares (None: frozen weight), plus one per token for a
+    trainable bias."""
+    return (square_sums(a) if a is not None else 0.0) + (tokens if bias else 0.0)
+
+
+def _rank_one_terms(input_sq: torch.Tensor | float, g: torch.Tensor, u: float) -> NormTerms:
+    """One token per example, g (E, 1, p), input_sq = ||[a, 1]||^2 (the trainable parts): ||g a^T||^2 + ||g||^2 =
     ||g||^2 (||a||^2 + 1) from sums of squares in at least fp32 (exact, as fp32 is treated). Rounding c * g moves
     the contribution by at most u ||g|| ||[a, 1]||, so that bound's square is u^2 times the norm's."""
-    input_sq = (square_sums(a) if a is not None else 0.0) + (1.0 if bias else 0.0)
     terms = NormTerms(square_sums(g) * input_sq)
     if u:
         terms.scaling_error_sq = terms.norm_sq * u**2
