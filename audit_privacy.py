@@ -5,8 +5,9 @@
 
 A white-box adversary sees each privatised update of the real step (make_private's Poisson loader, the clipping
 engine, physical batches, the DP optimizer's noise) on a tiny MLP and tests whether a canary row, whose clipped
-gradient it knows, was in the batch (dp_utils/audit.py). Prints a table, writes audit.json and audit.png (the two
-score distributions; needs matplotlib) to --output_dir. Exit code 1 when the bound exceeds the accountant's epsilon.
+gradient it knows, was in the batch (dp_utils/privacy/audit.py). Prints a table, writes audit.json and audit.png
+(the two score distributions; needs matplotlib) to --output_dir. Exit code 1 when the bound exceeds the
+accountant's epsilon.
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from dp_utils.audit import BREAKS, AuditConfig, plot_scores, run_audit
-from dp_utils.engine import MODES
+from dp_utils.clipping.engine import MODES
 from dp_utils.errors import UserError, run_script
+from dp_utils.privacy.audit import BREAKS, AuditConfig, plot_scores, run_audit
 
 
 def main(args: argparse.Namespace) -> int:

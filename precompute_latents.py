@@ -11,12 +11,13 @@
 Each row of the cache holds one image's VAE latent distribution (mean and std, multiplied by the VAE's scaling factor)
 and, with --random_flip, that of its mirrored copy too: under DP the unit of privacy is one row, so every
 augmentation of an image must live in its row. Training draws a fresh `mean + std * randn` per step
-(`dp_utils.data.LatentDataset`).
+(`dp_utils.data.latent_cache.LatentDataset`).
 
 The input is split into shards of --shard_size images; each shard is saved, then marked finished, so a killed run
 resumes from the finished shards, and several processes (`accelerate launch`) split the shards between them. The main
 process then merges the shards in order into one dataset in --output_dir (`datasets.load_from_disk`) and writes
-`cache_info.json` last: a directory without it is not a finished cache. The format is described in dp_utils/data.py.
+`cache_info.json` last: a directory without it is not a finished cache. The format is described in
+dp_utils/data/latent_cache.py.
 
 Every run first fingerprints the input by content: the SHA-256 of each image's bytes, with its name and label (the
 bytes are read, not decoded). Running the same command again:
@@ -26,9 +27,9 @@ bytes are read, not decoded). Running the same command again:
   never mixes old and new images;
 - with other settings (resolution, VAE, ...) stops, unless --overwrite_output_dir is given.
 
-Images of any mode become 8-bit RGB by the rules of dp_utils/images.py (16-bit by the type's range, 32-bit and float
-by a standard range that holds them or their own, transparency on white, EXIF orientation applied), then are resized
-and centre-cropped as DiT/ADM do. Unreadable images are skipped with a warning and listed in cache_info.json
+Images of any mode become 8-bit RGB by the rules of dp_utils/data/images.py (16-bit by the type's range, 32-bit and
+float by a standard range that holds them or their own, transparency on white, EXIF orientation applied), then are
+resized and centre-cropped as DiT/ADM do. Unreadable images are skipped with a warning and listed in cache_info.json
 (--strict: an error); a class whose images are all unreadable stops the run, naming it, so the classes match the rows.
 
 Mistakes in the flags or inputs stop the script before anything is written, with `error: <what and how to fix it>`
@@ -54,7 +55,15 @@ from accelerate.utils import gather_object
 from diffusers import AutoencoderKL
 from tqdm.auto import tqdm
 
-from dp_utils.data import (
+from dp_utils.data.images import (
+    ImageSource,
+    content_digest,
+    load_image,
+    preprocess_image,
+    read_dataset,
+    read_image_folder,
+)
+from dp_utils.data.latent_cache import (
     CACHE_FORMAT_VERSION,
     CACHE_INFO_NAME,
     SETTINGS_NAME,
@@ -70,9 +79,8 @@ from dp_utils.data import (
     shard_marker,
     write_json,
 )
-from dp_utils.distributed import check_world_size, run_on_cpu
 from dp_utils.errors import UserError, run_script
-from dp_utils.images import ImageSource, content_digest, load_image, preprocess_image, read_dataset, read_image_folder
+from dp_utils.training.distributed import check_world_size, run_on_cpu
 
 logger = get_logger(__name__)
 

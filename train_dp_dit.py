@@ -40,23 +40,15 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 import dp_utils
-from dp_utils.adapters import TrainedParameters, lora_config, select_trainable, trained_parameters
-from dp_utils.arguments import build_parser
-from dp_utils.batches import PieceDataset, piece_keys, piece_loader
-from dp_utils.checkpoints import TrainState, register_pretrained_hooks, resolve_checkpoint, save_checkpoint
-from dp_utils.cpu_memory import retain_freed_memory
-from dp_utils.data import LatentDataset, load_latent_cache
-from dp_utils.distributed import check_world_size, run_on_cpu
+from dp_utils.data.latent_cache import LatentDataset, load_latent_cache
 from dp_utils.errors import UserError, run_script
-from dp_utils.hub import create_model_repo, push_to_hub
-from dp_utils.model import checkpoint_id2label, disable_label_dropout, fit_label_table
-from dp_utils.outputs import log_validation, save_pipeline
-from dp_utils.plan import RunPlan, plan_run, privacy_ledger, privacy_report, training_summary
-from dp_utils.pretrained import load_model
-from dp_utils.randomness import REPRODUCIBLE_NOISE_WARNING, DPRandomness
-from dp_utils.released import noise_source, private_metrics, public_config
-from dp_utils.sampling import PoissonBatchSampler
-from dp_utils.validation import (
+from dp_utils.privacy.randomness import REPRODUCIBLE_NOISE_WARNING, DPRandomness
+from dp_utils.privacy.sampling import PoissonBatchSampler
+from dp_utils.training.adapters import TrainedParameters, lora_config, select_trainable, trained_parameters
+from dp_utils.training.arguments import build_parser
+from dp_utils.training.batches import PieceDataset, piece_keys, piece_loader
+from dp_utils.training.checkpoints import TrainState, register_pretrained_hooks, resolve_checkpoint, save_checkpoint
+from dp_utils.training.checks import (
     check_data,
     check_flags,
     check_loss,
@@ -65,7 +57,15 @@ from dp_utils.validation import (
     previous_run_files,
     run_warnings,
 )
-from dp_utils.variance import keep_rows_fixed, variance_rows
+from dp_utils.training.cpu_memory import retain_freed_memory
+from dp_utils.training.distributed import check_world_size, run_on_cpu
+from dp_utils.training.hub import create_model_repo, push_to_hub
+from dp_utils.training.model import checkpoint_id2label, disable_label_dropout, fit_label_table
+from dp_utils.training.outputs import log_validation, save_pipeline
+from dp_utils.training.plan import RunPlan, plan_run, privacy_ledger, privacy_report, training_summary
+from dp_utils.training.pretrained import load_model
+from dp_utils.training.released import noise_source, private_metrics, public_config
+from dp_utils.training.variance import keep_rows_fixed, variance_rows
 
 logger = get_logger(__name__)
 

@@ -7,11 +7,11 @@
 Each mode runs in its own process (clean peak memory) and loops as a training loop does (the last loss and
 prediction stay bound until the next forward). The table gives samples/s and its ratio to non-private training at
 the same batch; peak memory (CUDA max allocated on GPU; on CPU the peak bytes of live tensors from
-`dp_utils.profiling.StorageTracker`, beside peak RSS growth); and the matrix-multiply FLOPs of one step by operand
+`benchmarks.profiling`, beside peak RSS growth); and the matrix-multiply FLOPs of one step by operand
 dtype (`MatmulFlops`), and the aten ops it dispatches (`OpCount`: the host's work, which bounds a GPU step when its
 kernels are small). On CPU with --bf16 every LayerNorm computes in fp32, as CUDA autocast runs it, so that the
 step sees the dtypes a GPU step sees. One JSON line per mode follows the table. On CPU every mode runs with glibc
-keeping freed memory, as the trainer does (`dp_utils.cpu_memory`); `--default_malloc` leaves glibc's defaults.
+keeping freed memory, as the trainer does (`dp_utils.training.cpu_memory`); `--default_malloc` leaves glibc's defaults.
 """
 
 from __future__ import annotations
@@ -30,9 +30,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import dp_utils  # noqa: E402
-from dp_utils.cpu_memory import retain_freed_memory  # noqa: E402
-from dp_utils.model import PRESETS, disable_label_dropout, dit_from_preset  # noqa: E402
-from dp_utils.profiling import MatmulFlops, OpCount, StorageTracker, layer_norms_in_fp32  # noqa: E402
+from benchmarks.profiling import MatmulFlops, OpCount, StorageTracker, layer_norms_in_fp32  # noqa: E402
+from dp_utils.training.cpu_memory import retain_freed_memory  # noqa: E402
+from dp_utils.training.model import PRESETS, disable_label_dropout, dit_from_preset  # noqa: E402
 
 MODES = ("non_private", "flash_bk", "flash", "opacus_ghost", "opacus_hooks")
 

@@ -11,7 +11,7 @@ export PYTHONPATH=$site:$PWD PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/device.txt"
 python3 -c "import torch, diffusers, opacus; print(torch.__version__, diffusers.__version__, opacus.__version__)" \
   | tee -a "$out/device.txt"
-[ -n "${SKIP_TESTS:-}" ] || timeout 90 python3 -m pytest -q -p no:warnings tests/test_engine_gpu.py tests/test_noise.py 2>&1 | tail -15 \
+[ -n "${SKIP_TESTS:-}" ] || timeout 90 python3 -m pytest -q -p no:warnings tests/clipping/test_engine_gpu.py tests/privacy/test_noise.py 2>&1 | tail -15 \
   | tee "$out/gpu_tests.log"
 bench() { timeout "$1" python3 benchmarks/bench_step.py --model DiT-XL/2 --latent_size 32 --bf16 --steps 5 --warmup 2 \
   "${@:2}" 2>&1 | tee -a "$out/bench_xl.md"; }

@@ -2,12 +2,12 @@
 
 from opacus.utils.batch_memory_manager import BatchMemoryManager
 
-from .engine import ClippingEngine, UnsupportedModuleError
-from .freezing import freeze_embedders
-from .groups import RowGroups
-from .losses import DPCriterion, DPLoss, per_sample_mse
-from .privacy import GRAD_SAMPLE_MODES, PrivacyEngine, make_private
-from .sampling import PoissonBatchSampler, poisson_data_loader
+from .clipping.engine import ClippingEngine, UnsupportedModuleError
+from .clipping.freezing import freeze_embedders
+from .clipping.groups import RowGroups
+from .clipping.losses import DPCriterion, DPLoss, per_sample_mse
+from .privacy.privacy_engine import GRAD_SAMPLE_MODES, PrivacyEngine, make_private
+from .privacy.sampling import PoissonBatchSampler, poisson_data_loader
 
 __all__ = [
     "BatchMemoryManager",

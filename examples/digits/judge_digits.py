@@ -15,7 +15,7 @@ from sklearn.model_selection import train_test_split
 from sklearn.svm import SVC
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from dp_utils.generation import sample_pixel_pipeline  # noqa: E402
+from dp_utils.training.generation import sample_pixel_pipeline  # noqa: E402
 
 
 def judge(model_dir: Path, classifier, samples_per_class: int, guidance_scale: float, seed: int) -> float:

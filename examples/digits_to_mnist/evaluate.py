@@ -23,7 +23,7 @@ from PIL import Image, ImageDraw
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from dp_utils.generation import sample_pixel_pipeline  # noqa: E402
+from dp_utils.training.generation import sample_pixel_pipeline  # noqa: E402
 
 
 class DigitClassifier(nn.Module):

@@ -10,8 +10,8 @@ A cache directory holds a `datasets` dataset (`datasets.load_from_disk(cache_dir
 - `source`: string, the image file (relative to the image folder) or the dataset row (`train[12]`) it came from.
 
 and `cache_info.json`, written last, with the metadata (see `precompute_latents.py`), among it the fingerprint of
-the input's content (`dp_utils.images`). Every view of an image lives in that image's row, so one row is one unit of
-privacy.
+the input's content (`dp_utils.data.images`). Every view of an image lives in that image's row, so one row is one
+unit of privacy.
 
 While unfinished, the directory holds `shards/settings.json` and, for each finished shard, `shards/NNNNN/` (its rows;
 absent if none could be read) and `shards/NNNNN.done.json` (row count, skipped images, and the fingerprint of the
@@ -30,7 +30,7 @@ import datasets
 import numpy as np
 import torch
 
-from .errors import UserError
+from ..errors import UserError
 from .images import IMAGE_EXTENSIONS, ImageSource
 
 CACHE_INFO_NAME = "cache_info.json"

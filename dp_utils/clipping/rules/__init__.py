@@ -3,7 +3,7 @@
 Each rule sees every call of a module in one forward as a (layer input, gradient of layer output) pair:
 - norm(module, calls, groups) -> NormTerms: (E,) squared norms (at least fp32) of each example's gradient of the
   module's trainable parameters, summed over calls and over the example's rows, with bounds on their rounding
-  errors (`dp_utils.precision`);
+  errors (`dp_utils.clipping.precision`);
 - summed_grads(module, calls) -> {param name: the gradient summed over rows and calls}; the engine has already
   multiplied each row's output gradient by that row's clip factor, so this is sum_b c_b g_b.
 """

@@ -21,9 +21,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
-from .engine import UnsupportedModuleError, trainable_layers
-from .errors import UserError
-from .freezing import EMBEDDERS
+from ..clipping.engine import UnsupportedModuleError, trainable_layers
+from ..clipping.freezing import EMBEDDERS
+from ..errors import UserError
 from .variance import FixedRows
 
 TRAINABLE = ("full", "attention", "lora")

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .data import LatentDataset
+from ..data.latent_cache import LatentDataset
 from .model import drop_labels
 
 

@@ -9,7 +9,7 @@ of steps and hang in the gradient all-reduce. Here the mask of a step is a funct
 
 so the union over ranks is the global draw whatever the world size W, and a run restarted at step k draws
 exactly what an uninterrupted run draws from step k on. The amplification by subsampling holds only while the
-batches stay secret: the seed is a 128-bit secret (`dp_utils.randomness`), checkpointed, never published.
+batches stay secret: the seed is a 128-bit secret (`dp_utils.privacy.randomness`), checkpointed, never published.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, IterableDataset, Sampler
 
-from .errors import UserError
+from ..errors import UserError
 from .randomness import generator_from_entropy
 
 

@@ -7,7 +7,7 @@ towards a dummy anchor every hooked output is tied to, so autograd computes acti
 parameter gradients. From the pairs the per-layer rules give per-example norms (ghost norm or instantiation), then
 
     norms:  ||g_e||^2 = sum over layers of the layer's per-example squared norm    (all calls, all rows of e)
-    clip:   c_e = min(1, C / (||g_e|| + rounding bound))                              (`dp_utils.precision`)
+    clip:   c_e = min(1, C / (||g_e|| + rounding bound))                              (`dp_utils.clipping.precision`)
     sum:    p.grad += sum_e c_e g_e, from each layer's pairs with the output gradient scaled by its row's c_e:
             flash_bk: one backward; the pairs are kept until the clip factors are known (book-keeping)
             flash:    two backwards; the first computes norms and drops each pair at once, the second recomputes the

@@ -57,7 +57,7 @@ def _trained_note(report: dict) -> str:
     return text + (
         f" The LoRA adapter (rank {report['lora']['rank']}, alpha {report['lora']['alpha']:g}) is in "
         "`pytorch_lora_weights.safetensors`, diffusers' LoRA layout, for the transformer of the checkpoint it was "
-        "trained from: `dp_utils.adapters.load_lora_weights(pipe.transformer, folder)`, or diffusers' "
+        "trained from: `dp_utils.training.adapters.load_lora_weights(pipe.transformer, folder)`, or diffusers' "
         "`load_lora_adapter(folder, prefix='transformer', weight_name='pytorch_lora_weights.safetensors')` on a "
         "transformer class with `PeftAdapterMixin`."
     )

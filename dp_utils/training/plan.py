@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from opacus.accountants import create_accountant
 
-from .privacy import _quiet_accountant
+from ..privacy.privacy_engine import _quiet_accountant
 
 
 @dataclass(frozen=True)

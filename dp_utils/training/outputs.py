@@ -96,7 +96,7 @@ def save_pipeline(args, model, ema, scheduler, vae, dataset, report: dict, grid:
 
     DiTPipeline does not save the `id2label` it is built with, but it reads `id2label` from model_index.json:
     registering it there makes `DiTPipeline.from_pretrained(out).get_label_ids([name])` work. A pixel-space
-    model gets an AutoencoderKL that decodes to its input (dp_utils/pixel_vae.py), so it loads the same way.
+    model gets an AutoencoderKL that decodes to its input (dp_utils/training/pixel_vae.py), so it loads the same way.
     A LoRA run saves its adapter (diffusers' LoRA layout), and the merged pipeline only with --save_merged.
     """
     out = Path(args.output_dir)

@@ -12,7 +12,8 @@ gets a stock AutoencoderKL with scaling factor 1 whose weights make its decoder 
 - conv_out takes silu(a) - silu(-a) = a, exactly, of the (x, -x) pair.
 
 So decode(x) = x (1 + s / K^2)^(-1/2), off from x by at most |x| s / (2 K^2): below 5e-6 for three channels in
-[-1.5, 1.5], far below one 8-bit level (tests/test_pixel_vae.py). The encoder is never used (the cache holds pixels).
+[-1.5, 1.5], far below one 8-bit level (tests/training/test_pixel_vae.py). The encoder is never used (the cache
+holds pixels).
 """
 
 from __future__ import annotations

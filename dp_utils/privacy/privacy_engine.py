@@ -6,8 +6,8 @@ accountant's step hook. Our optimizers own those stages (in place, in one pass, 
 failed). Poisson sampling is Opacus' `DPDataLoader` in one process and our lock-step `PoissonBatchSampler` across
 processes (Opacus' distributed sampler skips empty local batches, so ranks can take different numbers of steps and
 hang in the all-reduce). Noise and batches come from a secret drawn from the operating system unless the caller
-passes a generator or a sampling seed (`dp_utils.randomness`): torch's global RNG, which `torch.manual_seed` and
-checkpoints replay, drives neither.
+passes a generator or a sampling seed (`dp_utils.privacy.randomness`): torch's global RNG, which `torch.manual_seed`
+and checkpoints replay, drives neither.
 
 Arguments are checked before anything is built: a bad one raises `UserError` naming the problem and the fix.
 """
@@ -36,10 +36,10 @@ from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClippi
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .engine import MODES, ClippingEngine
-from .errors import UserError
-from .groups import RowGroups
-from .losses import DPCriterion, per_sample_mse
+from ..clipping.engine import MODES, ClippingEngine
+from ..clipping.groups import RowGroups
+from ..clipping.losses import DPCriterion, per_sample_mse
+from ..errors import UserError
 from .noise import GaussianNoise, add_secure_noise_, tensor_chunks
 from .randomness import generator_from_entropy, secret_seed, shared_secret_seed
 from .sampling import poisson_data_loader
@@ -179,8 +179,8 @@ class PrivacyEngine:
     def __init__(self, accountant: str = "prv", secure_mode: bool = False):
         """`secure_mode`: noise drawn as Holohan et al.'s sum of four Gaussians (robust to floating-point attacks).
 
-        The generator is secret in every mode (OS entropy over its whole state, see `dp_utils.randomness`); torch
-        ships no cryptographic generator, so secure_mode does not make it one.
+        The generator is secret in every mode (OS entropy over its whole state, see `dp_utils.privacy.randomness`);
+        torch ships no cryptographic generator, so secure_mode does not make it one.
         """
         if accountant not in ACCOUNTANTS:
             raise UserError(f"accountant must be one of {ACCOUNTANTS}, got {accountant!r}; prv is the tightest.")

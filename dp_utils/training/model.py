@@ -8,7 +8,7 @@ import torch
 from diffusers import DiTPipeline, DiTTransformer2DModel
 from diffusers.models.embeddings import LabelEmbedding
 
-from .errors import UserError
+from ..errors import UserError
 
 PIPELINE_NULL_CLASS = 1000  # DiTPipeline.__call__ uses class 1000 as the unconditional label
 

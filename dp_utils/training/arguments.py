@@ -1,6 +1,6 @@
 """The flags of train_dp_dit.py: diffusers' names where diffusers has the flag, every default shown by --help.
 
-Ranges and combinations are checked by dp_utils.validation.check_flags after parsing.
+Ranges and combinations are checked by dp_utils.training.checks.check_flags after parsing.
 """
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ import argparse
 
 from diffusers.optimization import SchedulerType
 
+from ..privacy.privacy_engine import GRAD_SAMPLE_MODES
 from .adapters import LORA_TARGET_MODULES, TRAINABLE
 from .model import PRESETS
-from .privacy import GRAD_SAMPLE_MODES
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):

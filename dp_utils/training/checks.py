@@ -16,8 +16,8 @@ from pathlib import Path
 
 import accelerate.utils
 
+from ..errors import UserError
 from .checkpoints import list_checkpoints
-from .errors import UserError
 from .model import PRESETS
 
 FINISHED_RUN = "privacy_report.json"  # written last, by the main process, when a run has finished

@@ -21,8 +21,8 @@ from accelerate import Accelerator
 from diffusers import DiTTransformer2DModel
 from diffusers.training_utils import EMAModel
 
+from ..errors import UserError
 from .adapters import save_lora_weights, set_lora_weights
-from .errors import UserError
 
 CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)")
 TEMPORARY_PREFIX = ".incomplete-checkpoint-"

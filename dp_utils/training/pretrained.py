@@ -6,7 +6,7 @@ from pathlib import Path
 
 from diffusers import AutoencoderKL, DDPMScheduler, DiTTransformer2DModel
 
-from .errors import UserError
+from ..errors import UserError
 from .model import PRESETS, dit_from_preset
 
 

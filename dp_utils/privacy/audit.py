@@ -29,7 +29,7 @@ from scipy.stats import beta
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from .privacy import PrivacyWarning, make_private
+from .privacy_engine import PrivacyWarning, make_private
 from .randomness import generator_from_entropy
 
 BREAKS = ("none", "noise", "clip")  # deliberately broken steps the audit must flag
