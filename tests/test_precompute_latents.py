@@ -16,9 +16,9 @@ from diffusers import AutoencoderKL
 from PIL import Image
 
 import precompute_latents
-from dp_utils.data import CACHE_INFO_NAME, CacheNotFoundError, load_latent_cache
+from dp_utils.data.images import load_image, preprocess_image
+from dp_utils.data.latent_cache import CACHE_INFO_NAME, CacheNotFoundError, load_latent_cache
 from dp_utils.errors import UserError, run_script
-from dp_utils.images import load_image, preprocess_image
 
 GOOD_PHOTOS = [f for f in PHOTO_FILES if f not in CORRUPT_FILES]
 

@@ -7,8 +7,8 @@ import pytest
 from accelerate import Accelerator
 from test_train_dp_dit import pixel_args, run_in_process
 
-from dp_utils.checkpoints import list_checkpoints, resolve_checkpoint, save_checkpoint
 from dp_utils.errors import UserError
+from dp_utils.training.checkpoints import list_checkpoints, resolve_checkpoint, save_checkpoint
 
 
 class OneProcess:

@@ -14,7 +14,7 @@ from PIL import Image
 
 import train_dp_dit
 from dp_utils.errors import UserError
-from dp_utils.generation import generate
+from dp_utils.training.generation import generate
 
 
 @pytest.fixture(scope="session")

@@ -12,9 +12,9 @@ from safetensors.torch import load_file
 from test_train_dp_dit import pixel_args, run_in_process, transformer_weights
 
 import train_dp_dit
-from dp_utils.adapters import load_lora_weights, lora_config, select_trainable
 from dp_utils.errors import UserError
-from dp_utils.variance import variance_row_indices
+from dp_utils.training.adapters import load_lora_weights, lora_config, select_trainable
+from dp_utils.training.variance import variance_row_indices
 
 STEPS = ["--max_train_steps", 2, "--report_to", "none", "--checkpointing_steps", 0]
 

@@ -11,10 +11,10 @@ from conftest import REPO_ROOT
 from huggingface_hub.utils import filter_repo_objects
 from test_train_dp_dit import pixel_args, run_in_process, transformer_weights
 
-import dp_utils.hub
-from dp_utils.arguments import build_parser
+import dp_utils.training.hub
 from dp_utils.errors import UserError
-from dp_utils.model_card import model_card
+from dp_utils.training.arguments import build_parser
+from dp_utils.training.model_card import model_card
 
 FAST = ["--noise_multiplier", 1.0, "--max_train_steps", 2, "--report_to", "none"]
 
@@ -53,8 +53,8 @@ def test_push_to_hub_uploads_the_model_but_never_checkpoints_or_logs(
         files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
         calls["uploaded"] = (repo_id, list(filter_repo_objects(files, ignore_patterns=ignore_patterns)))
 
-    monkeypatch.setattr(dp_utils.hub, "create_repo", create_repo)
-    monkeypatch.setattr(dp_utils.hub, "upload_folder", upload_folder)
+    monkeypatch.setattr(dp_utils.training.hub, "create_repo", create_repo)
+    monkeypatch.setattr(dp_utils.training.hub, "upload_folder", upload_folder)
     out = tmp_path / "out"
     flags = [*FAST, "--checkpointing_steps", 1, "--report_to", "tensorboard", "--validation_steps", 2]
     run_in_process(*pixel_args(pixel_pipeline, digits_cache, out, *flags, "--push_to_hub"))
@@ -64,7 +64,7 @@ def test_push_to_hub_uploads_the_model_but_never_checkpoints_or_logs(
     assert not [f for f in files if f.startswith(("checkpoint-", "logs/"))]
     assert {"model_index.json", "README.md", "privacy_report.json", "samples/step-000002.png"} <= set(files)
     assert "transformer/diffusion_pytorch_model.safetensors" in files and "vae/config.json" in files
-    assert files == dp_utils.hub.files_to_upload(out, "logs")
+    assert files == dp_utils.training.hub.files_to_upload(out, "logs")
     assert "DiTPipeline.from_pretrained('user/out')" in (out / "README.md").read_text()
 
 

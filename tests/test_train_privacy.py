@@ -8,8 +8,8 @@ import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from test_train_dp_dit import launch, pixel_args, run_in_process, transformer_weights
 
-from dp_utils.randomness import REPRODUCIBLE_NOISE_WARNING, DPRandomness
-from dp_utils.sampling import PoissonBatchSampler
+from dp_utils.privacy.randomness import REPRODUCIBLE_NOISE_WARNING, DPRandomness
+from dp_utils.privacy.sampling import PoissonBatchSampler
 
 NOISE_SEED = 918273645
 

@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from dp_utils.profiling import MatmulFlops, OpCount, StorageTracker, layer_norms_in_fp32
+from benchmarks.profiling import MatmulFlops, OpCount, StorageTracker, layer_norms_in_fp32
 
 
 def test_storage_tracker_counts_live_bytes_and_the_peak():

@@ -6,7 +6,7 @@ from oracle import dit_batch, dit_losses, naive_clipped_sum, private_update, rel
 from torch import nn
 
 import dp_utils
-from dp_utils.engine import ClippingEngine, trainable_layers
+from dp_utils.clipping.engine import ClippingEngine, trainable_layers
 
 MODES = ["flash_bk", "flash", "opacus_hooks"]
 

@@ -6,7 +6,7 @@ import torch
 from oracle import dit_batch, dit_losses, naive_clipped_sum, private_update, relative_error, tiny_dit
 from test_precision import clipped_contributions
 
-from dp_utils.precision import matmul
+from dp_utils.clipping.precision import matmul
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -10,7 +10,7 @@ from oracle import dit_batch, dit_losses, naive_clipped_sum, private_update, rel
 from torch.utils.data import DataLoader, TensorDataset
 
 import dp_utils
-from dp_utils.profiling import MatmulFlops, OpCount, StorageTracker, layer_norms_in_fp32
+from benchmarks.profiling import MatmulFlops, OpCount, StorageTracker, layer_norms_in_fp32
 
 ROWS = 8
 # DiT-S/2 blocks on 64 tokens (the FLOP ratios depend on width and tokens, not on depth), fewer of them

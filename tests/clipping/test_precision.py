@@ -7,11 +7,11 @@ from oracle import dit_batch, dit_losses, tiny_dit
 from torch import nn
 
 import dp_utils
-from dp_utils.precision import NormTerms, in_dtype_rounded_down, matmul
-from dp_utils.profiling import layer_norms_in_fp32
-from dp_utils.rules.conv2d import _patches
-from dp_utils.rules.embedding import _tokens
-from dp_utils.rules.linear import tokens_of
+from benchmarks.profiling import layer_norms_in_fp32
+from dp_utils.clipping.precision import NormTerms, in_dtype_rounded_down, matmul
+from dp_utils.clipping.rules.conv2d import _patches
+from dp_utils.clipping.rules.embedding import _tokens
+from dp_utils.clipping.rules.linear import tokens_of
 
 ROWS = 6
 
@@ -103,7 +103,7 @@ def test_linear_rule_bounds_hold_for_the_stored_bf16_tensors(tokens, width):
     layer = nn.Linear(width, 2 * width)
     a = (torch.randn(5, tokens, width) + 0.5).bfloat16()  # a common offset: strongly correlated tokens
     g = torch.randn(5, tokens, 2 * width).bfloat16()
-    terms = dp_utils.rules.linear.linear_norm(layer, [(a, g)], dp_utils.RowGroups(None, 5))
+    terms = dp_utils.clipping.rules.linear.linear_norm(layer, [(a, g)], dp_utils.RowGroups(None, 5))
     exact = torch.einsum("btp,btd->bpd", g.double(), a.double()).flatten(1).pow(2).sum(1) + g.double().sum(1).pow(
         2
     ).sum(1)

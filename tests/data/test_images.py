@@ -1,4 +1,4 @@
-"""dp_utils.images: every PIL mode to 8-bit RGB, checked on scikit-image's sample photos; content fingerprints."""
+"""dp_utils.data.images: every PIL mode to 8-bit RGB, checked on scikit-image's sample photos; content fingerprints."""
 
 import io
 
@@ -7,7 +7,7 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from dp_utils.images import ImageSource, center_crop_arr, load_image, read_image_folder, to_rgb
+from dp_utils.data.images import ImageSource, center_crop_arr, load_image, read_image_folder, to_rgb
 
 CAMERA = skimage.data.camera()  # (512, 512) uint8, values 0..255
 COFFEE = skimage.data.coffee()  # (400, 600, 3) uint8

@@ -1,4 +1,4 @@
-"""dp_utils.data: image preprocessing, opening a latent cache, validating it against a DiT config, sampling."""
+"""dp_utils.data.latent_cache: image preprocessing, opening a cache, validating it against a DiT config, sampling."""
 
 import json
 import shutil
@@ -9,7 +9,7 @@ import pytest
 import torch
 from diffusers import DiTTransformer2DModel
 
-from dp_utils.data import CACHE_INFO_NAME, LatentDataset, load_latent_cache, validate_latent_cache
+from dp_utils.data.latent_cache import CACHE_INFO_NAME, LatentDataset, load_latent_cache, validate_latent_cache
 from dp_utils.errors import UserError
 
 

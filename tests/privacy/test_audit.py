@@ -7,14 +7,14 @@ import pytest
 from scipy.stats import binom
 
 import audit_privacy
-from dp_utils.audit import (
+from dp_utils.errors import UserError
+from dp_utils.privacy.audit import (
     AuditConfig,
     clopper_pearson_lower,
     clopper_pearson_upper,
     epsilon_lower_bound,
     run_audit,
 )
-from dp_utils.errors import UserError
 
 TRIALS = 300  # per world: enough for a broken step to be flagged, in seconds
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from opacus.optimizers.optimizer import _generate_noise
 
-from dp_utils.noise import GaussianNoise, NoiseError, add_noise_foreach_, add_secure_noise_, tensor_chunks
+from dp_utils.privacy.noise import GaussianNoise, NoiseError, add_noise_foreach_, add_secure_noise_, tensor_chunks
 
 
 def tensors():

@@ -13,13 +13,13 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import dp_utils
 from dp_utils.errors import UserError
-from dp_utils.noise import GaussianNoise, NoiseError
-from dp_utils.privacy import PrivacyWarning
+from dp_utils.privacy.noise import GaussianNoise, NoiseError
+from dp_utils.privacy.privacy_engine import PrivacyWarning
 
 # Most tests here use the whole dataset as the logical batch on purpose (every row in every step); the warning it
 # deserves is tested in test_whole_dataset_batches_warn_that_there_is_no_subsampling.
 pytestmark = pytest.mark.filterwarnings(
-    "ignore:The logical batch covers the whole dataset:dp_utils.privacy.PrivacyWarning"
+    "ignore:The logical batch covers the whole dataset:dp_utils.privacy.privacy_engine.PrivacyWarning"
 )
 
 
@@ -231,7 +231,7 @@ def test_zero_noise_and_valid_edge_values_are_accepted():
         ({"target_epsilon": 1.0, "target_delta": 0.9999}, "Cannot compute epsilon"),
     ],
 )
-@pytest.mark.filterwarnings("ignore:delta = 0.9999 is not below:dp_utils.privacy.PrivacyWarning")
+@pytest.mark.filterwarnings("ignore:delta = 0.9999 is not below:dp_utils.privacy.privacy_engine.PrivacyWarning")
 def test_an_unreachable_budget_names_its_values_and_the_fix(target, cause):
     model = nn.Linear(5, 3)
     with pytest.raises(UserError, match=cause) as caught:
@@ -434,7 +434,7 @@ def test_low_noise_is_refused_with_the_prv_accountant_before_it_hangs():
 @pytest.mark.parametrize("mode", ["flash_bk", "flash"])
 def test_noise_is_drawn_once_per_logical_batch_whatever_the_physical_split(mode):
     """The same noise generator state gives the same update for 1, 2 or 8 pieces: one draw, after the last."""
-    from dp_utils.randomness import generator_from_entropy
+    from dp_utils.privacy.randomness import generator_from_entropy
 
     updates = []
     for piece in (8, 4, 1):

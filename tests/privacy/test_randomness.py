@@ -5,7 +5,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import dp_utils
-from dp_utils.randomness import DPRandomness, generator_from_entropy, secret_seed
+from dp_utils.privacy.randomness import DPRandomness, generator_from_entropy, secret_seed
 
 
 def test_entropy_beyond_32_bits_changes_the_stream():

@@ -16,7 +16,7 @@ from torch.utils.data._utils.collate import default_collate
 import dp_utils
 from dp_utils import PoissonBatchSampler, poisson_data_loader
 from dp_utils.errors import UserError
-from dp_utils.sampling import EmptyBatchCollate
+from dp_utils.privacy.sampling import EmptyBatchCollate
 
 TIMEOUT_S = 120  # a hang in a collective fails the test instead of blocking the suite
 

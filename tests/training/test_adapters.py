@@ -7,9 +7,9 @@ from oracle import dit_batch, tiny_dit
 from peft import LoraConfig
 from peft.tuners.tuners_utils import BaseTunerLayer
 
-from dp_utils.adapters import add_lora, fold_block_index, merge_lora, select_trainable, trained_parameters
+from dp_utils.clipping.freezing import EMBEDDERS
 from dp_utils.errors import UserError
-from dp_utils.freezing import EMBEDDERS
+from dp_utils.training.adapters import add_lora, fold_block_index, merge_lora, select_trainable, trained_parameters
 
 
 def test_dora_magnitude_vector_is_refused_by_name(tmp_path):

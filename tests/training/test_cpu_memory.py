@@ -9,7 +9,7 @@ import sys
 CHURN = """
 import json, resource
 import torch
-from dp_utils.cpu_memory import retain_freed_memory
+from dp_utils.training.cpu_memory import retain_freed_memory
 applied = retain_freed_memory()
 faults = []
 for _ in range(10):

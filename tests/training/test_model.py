@@ -6,7 +6,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, DiTPipeline
 from oracle import tiny_dit
 
 from dp_utils.errors import UserError
-from dp_utils.model import checkpoint_id2label, fit_label_table, label_tables
+from dp_utils.training.model import checkpoint_id2label, fit_label_table, label_tables
 
 IMAGENET_LIKE = {0: "tench, Tinca tinca", 1: "goldfish", 2: "crane", 3: "crane", 4: "great white shark, white shark"}
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKL
 
-from dp_utils.pixel_vae import identity_vae
+from dp_utils.training.pixel_vae import identity_vae
 
 
 @pytest.mark.parametrize("channels, size", [(1, 8), (3, 8), (3, 64)])

@@ -4,8 +4,8 @@ import torch
 from oracle import dit_batch, tiny_dit
 from peft import LoraConfig
 
-from dp_utils.adapters import add_lora
-from dp_utils.variance import keep_rows_fixed, variance_row_indices, variance_rows
+from dp_utils.training.adapters import add_lora
+from dp_utils.training.variance import keep_rows_fixed, variance_row_indices, variance_rows
 
 
 def test_variance_rows_are_the_rows_unpatchify_reads_as_variance_channels(tmp_path):
