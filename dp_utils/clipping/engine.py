@@ -74,6 +74,7 @@ class _Plan:
 
     stacks: list[list[nn.Module]]  # layers whose pairs are stacked and handled as one (one call each, one shape)
     singles: list[nn.Module]  # every other layer with answered calls, each on its own
+    blocks: dict[tuple[int, str], torch.Tensor | None]  # (stack, parameter name) -> its (L, *shape) gradient block
 
 
 class _ForwardMarker(torch.autograd.Function):
@@ -155,6 +156,15 @@ class _RowFactors:
 def _no_autocast(device_type: str) -> contextlib.AbstractContextManager:
     """The engine's products take their operands' dtypes as they are (autocast would recast vecdot and matmuls)."""
     return torch.autocast(device_type, enabled=False) if torch.is_autocast_enabled(device_type) else _NO_CONTEXT
+
+
+def _names(layer: nn.Module) -> list[str]:
+    """The layer's trainable parameter names."""
+    return [n for n, p in layer.named_parameters(recurse=False) if p.requires_grad]
+
+
+def _stacked_params(layers: list[nn.Module], name: str) -> list[torch.Tensor]:
+    return [getattr(layer, name) for layer in layers]
 
 
 def _shape_of(x: torch.Tensor | None) -> tuple | None:
@@ -334,9 +344,10 @@ class ClippingEngine:
                 c.grad = grad
             del grads  # each output gradient is then held by its call alone, and freed once stacked
             with torch.no_grad():  # the engine's own arithmetic must not build a graph on the stored activations
-                row_coef = self._clip_factors(losses, groups, self._plan(calls))
+                plan = self._plan(calls)
+                row_coef = self._clip_factors(losses, groups, plan)
                 if not self._two_pass:
-                    self._book_keeping(row_coef)
+                    self._book_keeping(row_coef, plan)
             if self._two_pass:
                 for c in calls:  # the second pass hands every output gradient again; fast calls keep their input
                     c.grad = None
@@ -373,7 +384,14 @@ class ClippingEngine:
                 by_signature.setdefault(signature, []).append(layer)
             stacks = [layers for layers in by_signature.values() if len(layers) > 1]
             singles += [layers[0] for layers in by_signature.values() if len(layers) == 1]
-            plan = self._plans[key] = _Plan(stacks, singles)
+            if not self._plans:  # the first plan lays the gradient buffer out by stack: one block per stack
+                self.grads.arrange([_stacked_params(layers, name) for layers in stacks for name in _names(layers[0])])
+            blocks = {
+                (i, name): self.grads.block(_stacked_params(layers, name))
+                for i, layers in enumerate(stacks)
+                for name in _names(layers[0])
+            }
+            plan = self._plans[key] = _Plan(stacks, singles, blocks)
         return plan
 
     def _on_grad(self, call: _Call | None, layer_input: torch.Tensor, grad: torch.Tensor) -> None:
@@ -390,7 +408,8 @@ class ClippingEngine:
             return
         call.input, call.grad = layer_input, grad
         calls = self._calls[call.layer]
-        if all(c.grad is not None and c.edge is None for c in calls):  # streamed: norms now, the pairs dropped
+        # two passes: norms now and the pairs dropped (the second pass hands them again); one pass keeps them
+        if self._two_pass and all(c.grad is not None and c.edge is None for c in calls):
             self._terms.append(self._norms(call.layer, calls))
             self._normed.add(call.layer)
             for c in calls:
@@ -469,15 +488,16 @@ class ClippingEngine:
         scaled = self._masked(grad) * self._row_factors.for_grad(grad)
         self._accumulate(layer, [(self._masked(layer_input), scaled)])
 
-    def _book_keeping(self, row_coef: torch.Tensor) -> None:
+    def _book_keeping(self, row_coef: torch.Tensor, plan: _Plan) -> None:
         """p.grad += sum_b c_b g_b for every trainable parameter, from the stored inputs and output gradients."""
         factors = _RowFactors(row_coef)
         rows = row_coef.shape[0]
         stacked, self._stacked = self._stacked, []
-        while stacked:  # free as we go: the peak is the pairs kept, not the pairs plus all the gradients
-            layers, inputs, grads = stacked.pop(0)
+        for index in range(len(stacked)):  # free as we go: the peak is the pairs kept, not pairs and gradients
+            layers, inputs, grads = stacked[index]
+            stacked[index] = None
             grads.view(len(layers), rows, *grads.shape[1:]).mul_(factors.for_grad(grads[:rows]))
-            self._accumulate_stacked(layers, inputs, grads)
+            self._accumulate_stacked(layers, inputs, grads, {n: plan.blocks[index, n] for n in _names(layers[0])})
             del layers, inputs, grads
         answered = {layer: [c for c in calls if c.grad is not None] for layer, calls in self._calls.items()}
         self._scale_output_grads([c for calls in answered.values() for c in calls], factors)
@@ -493,12 +513,22 @@ class ClippingEngine:
         for name, grad in grads.items():
             self.grads.views[getattr(layer, name)].add_(grad)
 
-    def _accumulate_stacked(self, layers: list[nn.Module], inputs: torch.Tensor, grads: torch.Tensor) -> None:
+    def _accumulate_stacked(
+        self,
+        layers: list[nn.Module],
+        inputs: torch.Tensor,
+        grads: torch.Tensor,
+        blocks: dict[str, torch.Tensor | None],
+    ) -> None:
+        """Each layer's sum into its gradient: one add into the stack's block of the buffer where it has one."""
         with _no_autocast(grads.device.type):
             sums = self.layers[layers[0]][1].stacked_sums(layers[0], inputs, grads, len(layers))
         for name, stacked in sums.items():
-            views = [self.grads.views[getattr(layer, name)] for layer in layers]
-            torch._foreach_add_(views, list(stacked.unbind(0)))
+            if blocks[name] is not None:
+                blocks[name].add_(stacked)
+            else:
+                views = [self.grads.views[getattr(layer, name)] for layer in layers]
+                torch._foreach_add_(views, list(stacked.unbind(0)))
 
     @staticmethod
     def _scale_output_grads(calls: list[_Call], factors: _RowFactors) -> None:

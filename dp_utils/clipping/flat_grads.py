@@ -13,11 +13,17 @@ import torch
 
 class FlatGradients:
     def __init__(self, params: list[torch.Tensor]):
+        self.buffers: list[torch.Tensor] = []
+        self.views: dict[torch.Tensor, torch.Tensor] = {}
+        self._lay_out(params)
+        self.attach()
+
+    def _lay_out(self, params: list[torch.Tensor]) -> None:
+        """One zeroed buffer per (device, dtype), the parameters' views in the given order."""
         by_kind: dict[tuple, list[torch.Tensor]] = {}
         for p in params:
             by_kind.setdefault((p.device, p.dtype), []).append(p)
-        self.buffers: list[torch.Tensor] = []
-        self.views: dict[torch.Tensor, torch.Tensor] = {}
+        self.buffers, self.views = [], {}
         for (device, dtype), kind in by_kind.items():
             flat = torch.zeros(sum(p.numel() for p in kind), device=device, dtype=dtype)
             self.buffers.append(flat)
@@ -25,7 +31,31 @@ class FlatGradients:
             for p in kind:
                 self.views[p] = flat[offset : offset + p.numel()].view(p.shape)
                 offset += p.numel()
-        self.attach()
+
+    def arrange(self, runs: list[list[torch.Tensor]]) -> None:
+        """Lay the buffers out anew so that each run of same-shaped parameters is one block (see `block`); the
+        gradients keep their values. Done once, when the engine's first plan is built."""
+        first = [p for run in runs for p in run]
+        placed = set(first)
+        held = {p: view.clone() for p, view in self.views.items() if view.any()}
+        self._lay_out(first + [p for p in self.views if p not in placed])
+        for p, view in self.views.items():
+            if p in held:
+                view.copy_(held[p])
+            p.grad = view
+
+    def block(self, run: list[torch.Tensor]) -> torch.Tensor | None:
+        """The (L, *shape) view of a run of L same-shaped parameters laid out one after another; None if they
+        are not."""
+        first = self.views[run[0]]
+        numel, start = first.numel(), first.storage_offset()
+        for i, p in enumerate(run):
+            view = self.views[p]
+            if view.untyped_storage().data_ptr() != first.untyped_storage().data_ptr():
+                return None
+            if view.shape != first.shape or view.storage_offset() != start + i * numel:
+                return None
+        return first.new_empty(0).set_(first.untyped_storage(), start, (len(run), *first.shape))
 
     def attach(self) -> None:
         """Make every `.grad` its view again (keeping what it held)."""

@@ -13,7 +13,7 @@ the caller's thread, so that the optimizer neither applies nor accounts the step
 from __future__ import annotations
 
 import math
-import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
@@ -44,8 +44,8 @@ class NoiseAhead:
         self._draws: list[torch.Tensor] = []
         self._std = 1.0  # of the draws
         self._state_before_fork: torch.Tensor | None = None  # the caller's generator before the draw in flight
-        self._thread: threading.Thread | None = None
-        self._failure: BaseException | None = None
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dp-noise")  # one thread, kept
+        self._pending: Future | None = None
 
     def add_(
         self, tensors: list[torch.Tensor], std: float, generator: torch.Generator | None = None, scale: float = 1.0
@@ -54,8 +54,11 @@ class NoiseAhead:
         draws = self._wait()
         if [(z.shape, z.dtype) for z in draws] != [(t.shape, t.dtype) for t in tensors]:
             draws = self._draws = [torch.empty_like(t, device="cpu") for t in tensors]
-            self._draw(fork_entropy(generator, 1)[0], std or 1.0)  # here, in the caller's thread, the first time
-            draws = self._wait()
+            try:  # here, in the caller's thread, the first time
+                self._draw(fork_entropy(generator, 1)[0], std or 1.0)
+            except Exception as failure:
+                self._draws = []
+                raise NoiseError(f"Drawing the noise failed ({failure!r}): this step must not be taken.") from failure
         with torch.no_grad():
             if self._std != std:  # drawn at another std (or at 1 where std is 0 now)
                 torch._foreach_mul_(draws, std / self._std)
@@ -63,32 +66,28 @@ class NoiseAhead:
                 torch.add(z, t, alpha=scale, out=t)
         self._state_before_fork = None if generator is None else generator.get_state()
         entropy = fork_entropy(generator, 1)[0]
-        self._thread = threading.Thread(target=self._draw, args=(entropy, std or 1.0), daemon=True)
-        self._thread.start()
+        self._pending = self._worker.submit(self._draw, entropy, std or 1.0)
 
     def discard(self, generator: torch.Generator | None) -> None:
         """Drop the draw in flight; the generator goes back to before its fork (see the class)."""
-        if self._thread is not None:
-            self._thread.join()
-            self._thread, self._failure = None, None
+        if self._pending is not None:
+            self._pending.exception()  # waits; a failure of a dropped draw does not matter
+            self._pending = None
         self._draws = []
         if generator is not None and self._state_before_fork is not None:
             generator.set_state(self._state_before_fork)
         self._state_before_fork = None
 
     def _draw(self, entropy: list[int], std: float) -> None:
-        try:
-            self._std = std
-            _draw_into(self._draws, entropy, std)
-        except BaseException as error:  # re-raised by the next add_, in the caller's thread
-            self._failure = error
+        self._std = std
+        _draw_into(self._draws, entropy, std)
 
     def _wait(self) -> list[torch.Tensor]:
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-        if self._failure is not None:
-            failure, self._failure, self._draws = self._failure, None, []
+        """The draws once made; a failure in the worker is raised here, in the caller's thread."""
+        pending, self._pending = self._pending, None
+        failure = pending.exception() if pending is not None else None
+        if failure is not None:
+            self._draws = []
             raise NoiseError(f"Drawing the noise failed ({failure!r}): this step must not be taken.") from failure
         return self._draws
 

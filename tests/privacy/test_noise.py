@@ -68,7 +68,7 @@ def test_a_draw_failing_on_the_thread_raises_at_the_next_step_before_any_change(
     monkeypatch.setattr(torch.Tensor, "normal_", normal_)
     grads = tensors()
     noise.add_(grads, 1.0, generator)  # uses the draw made before; starts the failing one
-    noise._thread.join()
+    noise._pending.exception()  # the failing draw ended
     monkeypatch.undo()
     again = [torch.ones(300, 200), torch.ones(5000), torch.ones(7), torch.ones(70_000)]
     with pytest.raises(NoiseError, match="normal_ failed.*must not be taken"):
