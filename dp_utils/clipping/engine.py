@@ -80,11 +80,11 @@ def trainable_layers(module: nn.Module) -> dict[nn.Module, tuple[str, LayerRule]
             continue
         path = name or "<root module>"
         rule = RULES.get(type(sub))
-        unknown = [n for n, _ in params if n not in ("weight", "bias")]
+        unknown = [n for n, _ in params if rule is not None and n not in rule.params]
         if rule is None:
             reason = "no per-example rule for this layer type"
         elif unknown:
-            reason = f"extra parameters {unknown} beyond weight and bias"
+            reason = f"extra parameters {unknown} beyond {' and '.join(rule.params)}"
         else:
             reason = rule.unsupported(sub)
         if reason:
@@ -170,6 +170,9 @@ class ClippingEngine:
             module.register_forward_hook(self._end_forward),
         ]
         for layer, (_, rule) in self.layers.items():
+            if rule.capture is not None:  # captured where its parameters are used, not at its output
+                self._handles += rule.capture(self, layer)
+                continue
             if rule.autocast:
                 self._handles.append(layer.register_forward_pre_hook(self._cast_input))
             self._handles.append(layer.register_forward_hook(self._capture))
@@ -222,9 +225,7 @@ class ClippingEngine:
             )
         if not torch.is_grad_enabled() or not isinstance(output, torch.Tensor) or not output.requires_grad:
             return None
-        anchor = self._anchors.get(output.device)
-        if anchor is None:
-            anchor = self._anchors[output.device] = torch.zeros((), device=output.device, requires_grad=True)
+        anchor = self.anchor(output.device)
         if self._phase is not None:  # a checkpointed forward recomputed in the backward: same saved tensors, no call
             return _CatchGrad.apply(output, inputs[0], anchor, self, None)
         self._recomputed |= _saved_tensors_hooked()
@@ -235,6 +236,21 @@ class ClippingEngine:
         output = _CatchGrad.apply(output, inputs[0], anchor, self, call)
         self._nodes.append(weakref.ref(output.grad_fn))
         return output
+
+    # captures other than a layer's output (`LayerRule.capture`, e.g. `dp_utils.clipping.tables`)
+
+    def anchor(self, device: torch.device) -> torch.Tensor:
+        """The leaf every captured tensor is tied to on this device: the engine's backward asks for its gradient."""
+        anchor = self._anchors.get(device)
+        if anchor is None:
+            anchor = self._anchors[device] = torch.zeros((), device=device, requires_grad=True)
+        return anchor
+
+    def new_call(self, layer: nn.Module) -> _Call:
+        """A call of `layer` in the current forward; the capture hands its pairs to `_on_grad` in the backward."""
+        call = _Call(layer, self._forward)
+        self._calls.setdefault(layer, []).append(call)
+        return call
 
     # backward
 

@@ -6,6 +6,8 @@ Each rule sees every call of a module in one forward as a (layer input, gradient
   errors (`dp_utils.clipping.precision`);
 - summed_grads(module, calls) -> {param name: the gradient summed over rows and calls}; the engine has already
   multiplied each row's output gradient by that row's clip factor, so this is sum_b c_b g_b.
+A rule covers the parameters named in `params`; one with a `capture` hands the engine its pairs itself (hooks it
+installs), in place of the engine's capture at the module's output.
 """
 
 from __future__ import annotations
@@ -13,12 +15,18 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from diffusers.models.attention import BasicTransformerBlock
+from diffusers.models.normalization import RMSNorm
+from diffusers.models.transformers.pixart_transformer_2d import PixArtTransformer2DModel
 from torch import nn
 
+from ..tables import table_capture
 from .conv2d import conv2d_norm, conv2d_summed_grads, conv2d_unsupported
 from .embedding import embedding_norm, embedding_summed_grads, embedding_unsupported
 from .linear import linear_norm, linear_summed_grads
 from .norm import affine_norm, affine_summed_grads
+from .rms_norm import rms_norm_unsupported
+from .table import TABLE, table_norm, table_summed_grads, table_unsupported
 
 
 @dataclass(frozen=True)
@@ -27,6 +35,14 @@ class LayerRule:
     summed_grads: Callable
     unsupported: Callable[[nn.Module], str | None] = lambda module: None  # why a configuration is not covered
     autocast: bool = False  # autocast runs the layer in its lower precision (linear, conv): so are its inputs kept
+    params: tuple[str, ...] = ("weight", "bias")  # the module's own parameters the rule covers
+    capture: Callable | None = None  # capture(engine, module) -> hook handles, where not at the module's output
+
+
+# PixArt's blocks and model own a scale_shift_table (and no weight or bias of their own)
+_TABLE_RULE = LayerRule(
+    table_norm, table_summed_grads, table_unsupported, params=(TABLE,), capture=table_capture((TABLE,))
+)
 
 
 RULES: dict[type, LayerRule] = {
@@ -35,4 +51,7 @@ RULES: dict[type, LayerRule] = {
     nn.Embedding: LayerRule(embedding_norm, embedding_summed_grads, embedding_unsupported),
     nn.LayerNorm: LayerRule(affine_norm, affine_summed_grads),
     nn.GroupNorm: LayerRule(affine_norm, affine_summed_grads),
+    RMSNorm: LayerRule(affine_norm, affine_summed_grads, rms_norm_unsupported),
+    BasicTransformerBlock: _TABLE_RULE,
+    PixArtTransformer2DModel: _TABLE_RULE,
 }
