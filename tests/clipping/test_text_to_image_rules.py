@@ -48,7 +48,11 @@ def test_full_fine_tuning_equals_naive_loop(tmp_path, kind, mode, max_grad_norm)
 @pytest.mark.parametrize("kind", ["pixart", "sd3"])
 def test_rows_grouped_into_examples(tmp_path, kind):
     check_per_parameter(
-        lambda: tiny_transformer(kind, tmp_path, dtype=torch.float64), kind, 0.05, "flash_bk", torch.tensor([2, 0, 2, 1])
+        lambda: tiny_transformer(kind, tmp_path, dtype=torch.float64),
+        kind,
+        0.05,
+        "flash_bk",
+        torch.tensor([2, 0, 2, 1]),
     )
 
 
