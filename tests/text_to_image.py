@@ -82,3 +82,101 @@ def text_losses(model, x, t, emb, extra, target, criterion=dp_utils.per_sample_m
     else:
         out = model(hidden_states=x, encoder_hidden_states=emb, pooled_projections=extra, timestep=t).sample
     return criterion(out, target)
+
+
+WORDS = "a an the photo picture of cat dog digit zero one two three red blue green small big on in with".split()
+
+
+def tiny_t5(path, seed: int = 0, d_model: int = 12):
+    """A 1-layer T5 encoder and a Unigram tokenizer over WORDS, saved under path/text_encoder*, path/tokenizer*."""
+    from transformers import T5Config, T5EncoderModel, T5Tokenizer
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)] + [("▁" + w, -1.0) for w in WORDS]
+    torch.manual_seed(seed)
+    config = T5Config(vocab_size=len(vocab), d_model=d_model, d_ff=16, d_kv=4, num_layers=1, num_heads=2)
+    return T5EncoderModel(config), T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=512)
+
+
+def tiny_clip(path, seed: int, hidden: int):
+    """A 1-layer CLIP text encoder with projection and a BPE tokenizer over WORDS (merges spelled out)."""
+    import json
+
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
+
+    vocab, merges = {"<|startoftext|>": 0, "<|endoftext|>": 1}, []
+    for word in WORDS:
+        pieces = [*word[:-1], word[-1] + "</w>"]
+        for piece in pieces:
+            vocab.setdefault(piece, len(vocab))
+        while len(pieces) > 1:
+            merges.append(f"{pieces[0]} {pieces[1]}")
+            pieces = [pieces[0] + pieces[1], *pieces[2:]]
+            vocab.setdefault(pieces[0], len(vocab))
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "vocab.json").write_text(json.dumps(vocab))
+    (path / "merges.txt").write_text("#version: 0.2\n" + "\n".join(dict.fromkeys(merges)) + "\n")
+    tokenizer = CLIPTokenizer(str(path / "vocab.json"), str(path / "merges.txt"), pad_token="<|endoftext|>", model_max_length=77)
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(
+        vocab_size=len(vocab),
+        hidden_size=hidden,
+        intermediate_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=77,
+        projection_dim=hidden,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
+    return CLIPTextModelWithProjection(config), tokenizer
+
+
+def tiny_vae(latent_channels: int = 4, **config):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    return AutoencoderKL(
+        block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        layers_per_block=1,
+        latent_channels=latent_channels,
+        norm_num_groups=8,
+        sample_size=16,
+        **config,
+    )
+
+
+def tiny_text_pipeline(kind: str, path) -> None:
+    """A whole tiny PixArt-Sigma or SD3 pipeline folder (16 px images, 8x8 latents), as on the Hub."""
+    from diffusers import (
+        DPMSolverMultistepScheduler,
+        FlowMatchEulerDiscreteScheduler,
+        PixArtSigmaPipeline,
+        StableDiffusion3Pipeline,
+    )
+
+    torch.manual_seed(0)
+    transformer = MODELS[kind][0](**MODELS[kind][1])
+    t5, t5_tokenizer = tiny_t5(path / "tmp-t5")
+    if kind == "pixart":
+        scheduler = DPMSolverMultistepScheduler(beta_schedule="linear", beta_start=0.0001, beta_end=0.02)
+        pipe = PixArtSigmaPipeline(t5_tokenizer, t5, tiny_vae(), transformer, scheduler)
+    else:
+        # pooled = 4 + 6 = pooled_projection_dim 10; joint = 4 + 6 + padding to T5's 12 = joint_attention_dim
+        clip, clip_tokenizer = tiny_clip(path / "tmp-clip", 1, 4)
+        clip_2, clip_tokenizer_2 = tiny_clip(path / "tmp-clip-2", 2, 6)
+        vae = tiny_vae(shift_factor=0.1, scaling_factor=1.5)
+        pipe = StableDiffusion3Pipeline(
+            transformer,
+            FlowMatchEulerDiscreteScheduler(shift=3.0),
+            vae,
+            clip,
+            clip_tokenizer,
+            clip_2,
+            clip_tokenizer_2,
+            t5,
+            t5_tokenizer,
+        )
+    pipe.save_pretrained(path)
