@@ -115,7 +115,9 @@ def tiny_clip(path, seed: int, hidden: int):
     path.mkdir(parents=True, exist_ok=True)
     (path / "vocab.json").write_text(json.dumps(vocab))
     (path / "merges.txt").write_text("#version: 0.2\n" + "\n".join(dict.fromkeys(merges)) + "\n")
-    tokenizer = CLIPTokenizer(str(path / "vocab.json"), str(path / "merges.txt"), pad_token="<|endoftext|>", model_max_length=77)
+    tokenizer = CLIPTokenizer(
+        str(path / "vocab.json"), str(path / "merges.txt"), pad_token="<|endoftext|>", model_max_length=77
+    )
     torch.manual_seed(seed)
     config = CLIPTextConfig(
         vocab_size=len(vocab),
