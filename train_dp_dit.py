@@ -65,6 +65,15 @@ from dp_utils.training.outputs import log_validation, save_pipeline
 from dp_utils.training.plan import RunPlan, plan_run, privacy_ledger, privacy_report, training_summary
 from dp_utils.training.pretrained import load_model
 from dp_utils.training.released import noise_source, private_metrics, public_config
+from dp_utils.training.text_to_image import (
+    TextPiece,
+    TextPieceDataset,
+    is_text_to_image,
+    log_text_validation,
+    open_text_to_image,
+    save_text_pipeline,
+    text_piece_loss,
+)
 from dp_utils.training.variance import keep_rows_fixed, variance_rows
 
 logger = get_logger(__name__)
@@ -118,6 +127,8 @@ def start_accelerator(args) -> Accelerator:
 def open_data_and_model(args):
     """The DiT with its label table fitted to the cache's classes, and the cache as a dataset, validated together."""
     info = load_latent_cache(args.latent_cache)[1]  # a missing or stale cache is a UserError there
+    if is_text_to_image(info):  # PixArt or SD3 over a cache with captions
+        return open_text_to_image(args, info)
     model, scheduler, vae = load_model(args, info)
     mapping, pretrained = None, args.pretrained_model_name_or_path
     if info["conditional"]:  # the checkpoint's rows of the dataset's classes are kept, matched by name
@@ -214,6 +225,8 @@ def restore_or_begin(args, accelerator, run: Run, resume: Path | None) -> None:
 
 def piece_loss(args, accelerator, run: Run, piece) -> dp_utils.DPLoss:
     """Per-row losses (B*K,) of one physical batch: K noise and timestep draws per image, clipped as one example."""
+    if isinstance(piece, TextPiece):
+        return text_piece_loss(args, accelerator, run, piece)
     k = args.noise_multiplicity
     latents = piece.latents.to(accelerator.device, non_blocking=True).repeat_interleave(k, 0)  # (BK, C, H, W)
     labels = piece.labels.to(accelerator.device, non_blocking=True).repeat_interleave(k, 0)  # (BK,)
@@ -237,7 +250,12 @@ def train(args, accelerator, run: Run) -> float:
         world,
         state.step,
     )
-    pieces = PieceDataset(run.dataset, args.class_dropout_prob, run.null_label, args.seed, accelerator.process_index)
+    if is_text_to_image(run.dataset.info):
+        pieces = TextPieceDataset(run.dataset, args.proportion_empty_prompts, args.seed, accelerator.process_index)
+    else:
+        pieces = PieceDataset(
+            run.dataset, args.class_dropout_prob, run.null_label, args.seed, accelerator.process_index
+        )
     keys = piece_keys(sampler, state.step, args.max_physical_batch_size)
     loader = piece_loader(pieces, keys, args.dataloader_num_workers, pin_memory=accelerator.device.type == "cuda")
     # A PRV epsilon costs ~0.1 s, as much as a small model's step: refresh it about 100 times per run.
@@ -253,12 +271,16 @@ def train(args, accelerator, run: Run) -> float:
         for _, step_pieces in itertools.groupby(loader, key=attrgetter("step")):  # one logical batch
             loss_sum, rows, images = 0.0, 0, 0
             for piece in step_pieces:  # its physical batches
-                if len(piece.labels):  # an empty local batch still steps: noise, all-reduce and accounting
+                if len(piece.latents):  # an empty local batch still steps: noise, all-reduce and accounting
                     loss = piece_loss(args, accelerator, run, piece)
                     batch_loss = loss.detach().sum().item() * k
                     check_loss(batch_loss, state.step, args.learning_rate)  # nothing clipped, noised or accounted
                     loss.backward()
-                    loss_sum, rows, images = loss_sum + batch_loss, rows + len(loss.losses), images + len(piece.labels)
+                    loss_sum, rows, images = (
+                        loss_sum + batch_loss,
+                        rows + len(loss.losses),
+                        images + len(piece.latents),
+                    )
                 if fold_pieces and not piece.last:
                     run.optimizer.signal_skip_step(do_skip=True)  # clip and sum this piece into summed_grad
                     run.optimizer.step()
@@ -292,6 +314,8 @@ def train(args, accelerator, run: Run) -> float:
 
 def validate(args, accelerator, run: Run) -> Path:
     """A sample grid with the EMA weights, one row per class: saved under samples/ and sent to the trackers."""
+    if is_text_to_image(run.dataset.info):
+        return log_text_validation(args, accelerator, run)
     classes = args.validation_classes or list(range(min(run.dataset.num_classes, 32))) or [run.null_label]
     names = run.dataset.class_names if run.dataset.conditional else None
     return log_validation(
@@ -333,7 +357,10 @@ def finish(args, accelerator, run: Run, epsilon: float, repo_id: str | None) -> 
         )
         grid = validate(args, accelerator, run) if args.validation_steps else None
         location = repo_id or args.output_dir
-        save_pipeline(args, run.transformer, run.ema, run.scheduler, run.vae, run.dataset, report, grid, location)
+        if is_text_to_image(run.dataset.info):
+            save_text_pipeline(args, run, report, grid, location)
+        else:
+            save_pipeline(args, run.transformer, run.ema, run.scheduler, run.vae, run.dataset, report, grid, location)
         saved = "the LoRA adapter" if args.trainable == "lora" and not args.save_merged else "the pipeline"
         logger.info(f"Saved {saved}, privacy_report.json and README.md to {args.output_dir}; epsilon {epsilon:.3f}")
         if repo_id is not None:
