@@ -382,8 +382,9 @@ def main(args):
     randomness = DPRandomness(args.noise_seed, accelerator.device)  # the DP noise and batches: never from --seed
     if randomness.reproducible:
         logger.warning(REPRODUCIBLE_NOISE_WARNING)
-    set_seed(args.seed, device_specific=True)  # each rank its own diffusion noise; the DP noise comes from rank 0
+    # LoRA adapters are initialised from --seed in make_private: the same on every rank, so before the next line
     model, optimizer, criterion, trained = make_private(args, accelerator, transformer, dataset, plan, randomness)
+    set_seed(args.seed, device_specific=True)  # each rank its own diffusion noise; the DP noise comes from rank 0
     if vae is not None:
         vae.to(accelerator.device).eval().requires_grad_(False)
     lr_scheduler = get_scheduler(
