@@ -135,3 +135,58 @@ def test_bf16_autocast_norms_close_to_fp32(tmp_path):
             norms[autocast] = engine.per_example_norms
             engine.detach()
         torch.testing.assert_close(norms[True], norms[False], rtol=0.05, atol=0)
+
+
+def tiny_sana(tmp_path, freeze_depthwise: bool):
+    from diffusers import SanaTransformer2DModel
+
+    torch.manual_seed(0)
+    model = SanaTransformer2DModel(
+        in_channels=4,
+        out_channels=4,
+        num_attention_heads=2,
+        attention_head_dim=8,
+        num_layers=2,
+        num_cross_attention_heads=2,
+        cross_attention_head_dim=8,
+        cross_attention_dim=16,
+        caption_channels=12,
+        sample_size=8,
+        patch_size=2,
+    )
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or "scale_shift_table" in name:
+                p.normal_(1.0, 0.3)
+    model.save_pretrained(tmp_path / "sana")
+    model = SanaTransformer2DModel.from_pretrained(tmp_path / "sana", torch_dtype=torch.float64).train()
+    if freeze_depthwise:
+        for block in model.transformer_blocks:
+            block.ff.conv_depth.requires_grad_(False)
+    return model
+
+
+def sana_losses(model, x, t, emb, mask, target, criterion=dp_utils.per_sample_mse):
+    return criterion(model(x, encoder_hidden_states=emb, timestep=t, encoder_attention_mask=mask).sample, target)
+
+
+def test_sana_depthwise_convolution_is_refused_by_name(tmp_path):
+    with pytest.raises(dp_utils.UnsupportedModuleError, match=r"'transformer_blocks\.0\.ff\.conv_depth'.*grouped"):
+        trainable_layers(tiny_sana(tmp_path, freeze_depthwise=False))
+
+
+@pytest.mark.parametrize("mode", ["flash_bk", "flash"])
+def test_sana_tables_and_norms_equal_naive_loop_with_the_depthwise_convolutions_frozen(tmp_path, mode):
+    """Sana's tables are captured as PixArt's (its final one passed to a norm module as an argument). Sana's linear
+    attention computes in float32 inside a float64 model, and its backward rounds differently for one example than
+    for the batch: the loop and the engine agree to float32 precision, not float64's."""
+    x, t, emb, mask, target = text_batch("pixart", ROWS, dtype=torch.float64)
+    batch = (x, t, emb, mask, target)
+    expected, norms = naive_clipped_sum(tiny_sana(tmp_path, True), sana_losses, batch, 0.05, torch.arange(ROWS))
+    update, engine_norms = private_update(tiny_sana(tmp_path, True), sana_losses, batch, 0.05, mode, ROWS)
+    torch.testing.assert_close(engine_norms, norms, rtol=1e-6, atol=0)
+    tables = [n for n, e in expected.items() if "scale_shift_table" in n and e.abs().max() > 0]
+    assert len(tables) == 3  # two blocks' and the model's
+    scale = max(e.abs().max().item() for e in expected.values()) / ROWS
+    for name, grad in expected.items():
+        torch.testing.assert_close(update[name], grad / ROWS, rtol=1e-5, atol=1e-6 * scale)

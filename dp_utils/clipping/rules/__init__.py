@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from diffusers.models.attention import BasicTransformerBlock
 from diffusers.models.normalization import RMSNorm
 from diffusers.models.transformers.pixart_transformer_2d import PixArtTransformer2DModel
+from diffusers.models.transformers.sana_transformer import SanaTransformer2DModel, SanaTransformerBlock
 from torch import nn
 
 from ..tables import table_capture
@@ -39,7 +40,7 @@ class LayerRule:
     capture: Callable | None = None  # capture(engine, module) -> hook handles, where not at the module's output
 
 
-# PixArt's blocks and model own a scale_shift_table (and no weight or bias of their own)
+# PixArt's and Sana's blocks and models own a scale_shift_table (and no weight or bias of their own)
 _TABLE_RULE = LayerRule(
     table_norm, table_summed_grads, table_unsupported, params=(TABLE,), capture=table_capture((TABLE,))
 )
@@ -54,4 +55,6 @@ RULES: dict[type, LayerRule] = {
     RMSNorm: LayerRule(affine_norm, affine_summed_grads, rms_norm_unsupported),
     BasicTransformerBlock: _TABLE_RULE,
     PixArtTransformer2DModel: _TABLE_RULE,
+    SanaTransformerBlock: _TABLE_RULE,
+    SanaTransformer2DModel: _TABLE_RULE,
 }
