@@ -27,6 +27,9 @@ bytes are read, not decoded). Running the same command again:
   never mixes old and new images;
 - with other settings (resolution, VAE, ...) stops, unless --overwrite_output_dir is given.
 
+With --caption_column, each row also holds its caption's encoding by the frozen text encoders of a PixArt-alpha/Sigma
+or SD3 pipeline (dp_utils/data/captions.py, docs/text_to_image.md).
+
 Images of any mode become 8-bit RGB by the rules of dp_utils/data/images.py (16-bit by the type's range, 32-bit and
 float by a standard range that holds them or their own, transparency on white, EXIF orientation applied), then are
 resized and centre-cropped as DiT/ADM do. Unreadable images are skipped with a warning and listed in cache_info.json

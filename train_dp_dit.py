@@ -15,6 +15,9 @@ Every step draws a Poisson batch (each image independently, rate q), clips each 
 --max_grad_norm (exactly, nothing frozen: dp_utils' engine), adds Gaussian noise once, and an Opacus accountant
 tracks (epsilon, delta). The unit of privacy is one training image (one row of the cache, its flip included).
 Noise and batches come from an OS secret (not --seed) that checkpoints hold: they are as secret as the images.
+
+A cache with captions (`precompute_latents.py --caption_column`) trains a PixArt-alpha/Sigma or SD3 pipeline given as
+--pretrained_model_name_or_path instead, one (image, caption) row per unit of privacy: docs/text_to_image.md.
 """
 
 from __future__ import annotations
