@@ -27,6 +27,9 @@ bytes are read, not decoded). Running the same command again:
   never mixes old and new images;
 - with other settings (resolution, VAE, ...) stops, unless --overwrite_output_dir is given.
 
+With --caption_column, each row also holds its caption's encoding by the frozen text encoders of a PixArt-alpha/Sigma
+or SD3 pipeline (dp_utils/data/captions.py, docs/text_to_image.md).
+
 Images of any mode become 8-bit RGB by the rules of dp_utils/data/images.py (16-bit by the type's range, 32-bit and
 float by a standard range that holds them or their own, transparency on white, EXIF orientation applied), then are
 resized and centre-cropped as DiT/ADM do. Unreadable images are skipped with a warning and listed in cache_info.json
@@ -55,6 +58,7 @@ from accelerate.utils import gather_object
 from diffusers import AutoencoderKL
 from tqdm.auto import tqdm
 
+from dp_utils.data.captions import EMPTY_PROMPT_NAME, caption_encoders, read_captions
 from dp_utils.data.images import (
     ImageSource,
     content_digest,
@@ -139,6 +143,8 @@ def read_input(args: argparse.Namespace) -> ImageSource:
             args.data_dir,
             args.cache_dir,
         )
+    if args.caption_column is not None:
+        return read_captions(source, args)
     if source.class_names is None:
         no_label = args.dataset_name is not None and args.label_column is None
         (logger.warning if no_label else logger.info)(
@@ -196,6 +202,7 @@ def encode_shard(
     vae: AutoencoderKL | None,
     latent_shape: list[int],
     progress: tqdm,
+    text_encoders=None,
 ) -> tuple[dict[str, list], list[dict], str]:
     """Encode input images `start..end`: the cache columns of the readable ones, what was skipped and why, and the
     fingerprint of the bytes that were read."""
@@ -235,6 +242,10 @@ def encode_shard(
         if source.labels is not None:
             rows["label"] += [source.labels[i] for i, _ in good]
         rows["source"] += [source.ids[i] for i, _ in good]
+        if text_encoders is not None:  # the caption's encoding joins its image's row
+            for encoded in text_encoders.encode([source.captions[i] for i, _ in good]):
+                for name, value in encoded.items():
+                    rows.setdefault(name, []).append(value)
     return rows, skipped, source.fingerprint(start, end, digests)
 
 
@@ -278,6 +289,22 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="Column of class ids or names. Default: 'label' if the dataset has one, else an "
         "unconditional cache. 'none': ignore labels (unconditional), also for --train_data_dir.",
+    )
+    data.add_argument(
+        "--caption_column",
+        type=str,
+        default=None,
+        help="Column of captions in --dataset_name, or the field of each line of metadata.jsonl in --train_data_dir "
+        '(as diffusers\' imagefolder: {"file_name": ..., "text": ...}): a text-to-image cache, whose rows hold '
+        "the caption's encoding by the frozen text encoders of --pretrained_model_name_or_path (PixArt-alpha/Sigma "
+        "or SD3). One (image, caption) row is the unit of privacy.",
+    )
+    data.add_argument(
+        "--max_sequence_length",
+        type=int,
+        default=None,
+        help="T5 tokens per caption (default: the pipeline's: 300 PixArt-Sigma, 120 PixArt-alpha, 77 SD3 as "
+        "diffusers' SD3 LoRA script).",
     )
     data.add_argument(
         "--train_data_dir",
@@ -366,6 +393,11 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         raise UserError("Give exactly one of --dataset_name or --train_data_dir.")
     if args.vae is not None and args.pretrained_model_name_or_path is not None:
         raise UserError("Give --vae or --pretrained_model_name_or_path (whose vae/ is used), not both.")
+    if args.caption_column is not None and args.pretrained_model_name_or_path is None:
+        raise UserError(
+            "--caption_column needs --pretrained_model_name_or_path: the pipeline whose text encoders "
+            "encode the captions (PixArt-alpha/Sigma or SD3)."
+        )
     if args.train_data_dir is not None and args.label_column not in (None, "none"):
         raise UserError("--label_column is for --dataset_name; --train_data_dir takes labels from its sub-folders.")
     for flag in ("resolution", "batch_size", "shard_size"):
@@ -415,6 +447,8 @@ def main(args: argparse.Namespace) -> None:
         "flip": args.random_flip,
         "mixed_precision": "no" if pixel_space else args.mixed_precision,
         "shard_size": args.shard_size,
+        "caption_column": args.caption_column,
+        "max_sequence_length": args.max_sequence_length,
     }
     replace = found is not None and found.get("settings") != settings
     if replace and not args.overwrite_output_dir:
@@ -444,6 +478,9 @@ def main(args: argparse.Namespace) -> None:
         dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
         vae = AutoencoderKL.from_pretrained(**vae_kwargs, torch_dtype=dtype).to(state.device).requires_grad_(False)
     features = cache_features((num_views, *latent_shape), pixel_space, source.class_names)
+    text_encoders = caption_encoders(args, state.device, vae.dtype if vae is not None else torch.float32)
+    if text_encoders is not None:
+        features.update(text_encoders.features())
 
     state.wait_for_everyone()  # every process has read the old cache before the main one replaces it
     if state.is_main_process:
@@ -473,7 +510,7 @@ def main(args: argparse.Namespace) -> None:
         total=sum(bounds[k][1] - bounds[k][0] for k in todo), desc="Encoding", disable=not state.is_local_main_process
     )
     for k in todo:
-        rows, skipped, fingerprint = encode_shard(source, *bounds[k], args, vae, latent_shape, progress)
+        rows, skipped, fingerprint = encode_shard(source, *bounds[k], args, vae, latent_shape, progress, text_encoders)
         save_shard(shards_dir, k, rows, skipped, fingerprint, features)
     progress.close()
     state.wait_for_everyone()
@@ -483,6 +520,8 @@ def main(args: argparse.Namespace) -> None:
     skipped = check_shards(source, done, bounds, fingerprints)
     if state.is_main_process:
         merged = merge_shards(output_dir, done)
+        if text_encoders is not None:  # caption dropout's stand-in
+            text_encoders.save_empty_prompt(output_dir / EMPTY_PROMPT_NAME)
         info = {
             "format_version": CACHE_FORMAT_VERSION,
             "num_rows": len(merged),
@@ -509,6 +548,7 @@ def main(args: argparse.Namespace) -> None:
             "num_inputs": len(source.ids),
             "input_fingerprint": input_fingerprint,
             "shard_fingerprints": fingerprints,
+            "captions": text_encoders.describe() if text_encoders is not None else None,
         }
         write_json(output_dir / CACHE_INFO_NAME, info)  # last: its presence means the cache is finished
         shutil.rmtree(shards_dir)

@@ -15,6 +15,9 @@ Every step draws a Poisson batch (each image independently, rate q), clips each 
 --max_grad_norm (exactly, nothing frozen: dp_utils' engine), adds Gaussian noise once, and an Opacus accountant
 tracks (epsilon, delta). The unit of privacy is one training image (one row of the cache, its flip included).
 Noise and batches come from an OS secret (not --seed) that checkpoints hold: they are as secret as the images.
+
+A cache with captions (`precompute_latents.py --caption_column`) trains a PixArt-alpha/Sigma or SD3 pipeline given as
+--pretrained_model_name_or_path instead, one (image, caption) row per unit of privacy: docs/text_to_image.md.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ from dp_utils.privacy.sampling import PoissonBatchSampler
 from dp_utils.training.adapters import TrainedParameters, lora_config, select_trainable, trained_parameters
 from dp_utils.training.arguments import build_parser
 from dp_utils.training.attention import set_attention_backend
-from dp_utils.training.batches import PhysicalBatchDataset, physical_batch_keys, physical_batch_loader
+from dp_utils.training.batches import PhysicalBatch, PhysicalBatchDataset, physical_batch_keys, physical_batch_loader
 from dp_utils.training.checkpoints import TrainState, register_pretrained_hooks, resolve_checkpoint, save_checkpoint
 from dp_utils.training.checks import (
     check_data,
@@ -65,6 +68,15 @@ from dp_utils.training.outputs import log_validation, save_pipeline
 from dp_utils.training.plan import RunPlan, plan_run, privacy_ledger, privacy_report, training_summary
 from dp_utils.training.pretrained import load_model
 from dp_utils.training.released import noise_source, private_metrics, public_config
+from dp_utils.training.text_to_image import (
+    CaptionedBatch,
+    CaptionedBatchDataset,
+    captioned_batch_loss,
+    is_text_to_image,
+    log_text_validation,
+    open_text_to_image,
+    save_text_pipeline,
+)
 from dp_utils.training.variance import keep_rows_fixed, variance_rows
 
 logger = get_logger(__name__)
@@ -118,6 +130,8 @@ def start_accelerator(args) -> Accelerator:
 def open_data_and_model(args):
     """The DiT with its label table fitted to the cache's classes, and the cache as a dataset, validated together."""
     info = load_latent_cache(args.latent_cache)[1]  # a missing or stale cache is a UserError there
+    if is_text_to_image(info):  # PixArt or SD3 over a cache with captions
+        return open_text_to_image(args, info)
     model, scheduler, vae = load_model(args, info)
     mapping, pretrained = None, args.pretrained_model_name_or_path
     if info["conditional"]:  # the checkpoint's rows of the dataset's classes are kept, matched by name
@@ -239,16 +253,32 @@ def physical_batch_loss(args, accelerator, run: Run, latents, labels, mask) -> d
 
 
 def physical_step(args, accelerator, run: Run):
-    """(latents, labels, mask) -> per-row losses, after the clipped backward: replayed as a CUDA graph or eager."""
+    """batch -> (its per-row losses, its number of images), after the clipped backward; a class-conditional batch
+    (fixed shape) replayed as a CUDA graph where the optimizer is graphed, a captioned one eager."""
+
+    def captioned(batch: CaptionedBatch) -> tuple[torch.Tensor, int]:
+        if not len(batch.latents):  # an empty local batch still steps: noise, all-reduce and accounting
+            return torch.zeros((), device=accelerator.device), 0
+        loss = captioned_batch_loss(args, accelerator, run, batch)
+        loss.backward()
+        return loss.losses.detach(), len(batch.latents)
 
     def eager(latents, labels, mask):
         loss = physical_batch_loss(args, accelerator, run, latents, labels, mask)
         loss.backward()
         return loss.losses.detach()
 
-    if getattr(run.optimizer, "graphed_step", None) is None:
-        return eager
-    return dp_utils.CudaGraphedStep(lambda *tensors: physical_batch_loss(args, accelerator, run, *tensors))
+    if is_text_to_image(run.dataset.info):
+        return captioned
+    losses_of = eager
+    if getattr(run.optimizer, "graphed_step", None) is not None:
+        losses_of = dp_utils.CudaGraphedStep(lambda *tensors: physical_batch_loss(args, accelerator, run, *tensors))
+
+    def class_conditional(batch: PhysicalBatch) -> tuple[torch.Tensor, int]:
+        tensors = (x.to(accelerator.device, non_blocking=True) for x in (batch.latents, batch.labels, batch.mask))
+        return losses_of(*tensors), int(batch.mask.sum())  # the mask is still on the host: no device sync
+
+    return class_conditional
 
 
 def noisy_step(args, run: Run, loss_sum: torch.Tensor) -> None:
@@ -275,7 +305,10 @@ def train(args, accelerator, run: Run) -> float:
     )
     opacus = args.grad_sample_mode.startswith("opacus")
     size, rank = args.max_physical_batch_size, accelerator.process_index
-    batches = PhysicalBatchDataset(run.dataset, args.class_dropout_prob, run.null_label, args.seed, rank, size)
+    if is_text_to_image(run.dataset.info):  # prompt lengths vary: unpadded, eager
+        batches = CaptionedBatchDataset(run.dataset, args.proportion_empty_prompts, args.seed, rank)
+    else:
+        batches = PhysicalBatchDataset(run.dataset, args.class_dropout_prob, run.null_label, args.seed, rank, size)
     keys = physical_batch_keys(sampler, state.step, size)
     loader = physical_batch_loader(batches, keys, args.dataloader_num_workers, accelerator.device.type == "cuda")
     step_physical_batch = physical_step(args, accelerator, run)
@@ -294,11 +327,8 @@ def train(args, accelerator, run: Run) -> float:
             loss_sum = torch.zeros((), device=accelerator.device, dtype=torch.float64)
             rows = images = 0
             for batch in physical_batches:  # all padding if the local batch is empty
-                tensors = (
-                    x.to(accelerator.device, non_blocking=True) for x in (batch.latents, batch.labels, batch.mask)
-                )
-                loss_sum += step_physical_batch(*tensors).sum() * k
-                real = int(batch.mask.sum())  # the mask is still on the host: no device sync
+                losses, real = step_physical_batch(batch)
+                loss_sum += losses.sum() * k
                 rows, images = rows + real * k, images + real
                 if opacus and not batch.last:
                     run.optimizer.signal_skip_step(do_skip=True)  # clip and sum this batch into summed_grad
@@ -335,6 +365,8 @@ def train(args, accelerator, run: Run) -> float:
 
 def validate(args, accelerator, run: Run) -> Path:
     """A sample grid with the EMA weights, one row per class: saved under samples/ and sent to the trackers."""
+    if is_text_to_image(run.dataset.info):
+        return log_text_validation(args, accelerator, run)
     classes = args.validation_classes or list(range(min(run.dataset.num_classes, 32))) or [run.null_label]
     names = run.dataset.class_names if run.dataset.conditional else None
     return log_validation(
@@ -376,7 +408,10 @@ def finish(args, accelerator, run: Run, epsilon: float, repo_id: str | None) -> 
         )
         grid = validate(args, accelerator, run) if args.validation_steps else None
         location = repo_id or args.output_dir
-        save_pipeline(args, run.transformer, run.ema, run.scheduler, run.vae, run.dataset, report, grid, location)
+        if is_text_to_image(run.dataset.info):
+            save_text_pipeline(args, run, report, grid, location)
+        else:
+            save_pipeline(args, run.transformer, run.ema, run.scheduler, run.vae, run.dataset, report, grid, location)
         saved = "the LoRA adapter" if args.trainable == "lora" and not args.save_merged else "the pipeline"
         logger.info(f"Saved {saved}, privacy_report.json and README.md to {args.output_dir}; epsilon {epsilon:.3f}")
         if repo_id is not None:
@@ -398,8 +433,9 @@ def main(args):
     randomness = DPRandomness(args.noise_seed, accelerator.device)  # the DP noise and batches: never from --seed
     if randomness.reproducible:
         logger.warning(REPRODUCIBLE_NOISE_WARNING)
-    set_seed(args.seed, device_specific=True)  # each rank its own diffusion noise; the DP noise comes from rank 0
+    # LoRA adapters are initialised from --seed in make_private: the same on every rank, so before the next line
     model, optimizer, criterion, trained = make_private(args, accelerator, transformer, dataset, plan, randomness)
+    set_seed(args.seed, device_specific=True)  # each rank its own diffusion noise; the DP noise comes from rank 0
     if vae is not None:
         vae.to(accelerator.device).eval().requires_grad_(False)
     lr_scheduler = get_scheduler(

@@ -114,11 +114,11 @@ def trainable_layers(module: nn.Module) -> dict[nn.Module, tuple[str, LayerRule]
             continue
         path = name or "<root module>"
         rule = RULES.get(type(sub))
-        unknown = [n for n, _ in params if n not in ("weight", "bias")]
+        unknown = [n for n, _ in params if rule is not None and n not in rule.params]
         if rule is None:
             reason = "no per-example rule for this layer type"
         elif unknown:
-            reason = f"extra parameters {unknown} beyond weight and bias"
+            reason = f"extra parameters {unknown} beyond {' and '.join(rule.params)}"
         else:
             reason = rule.unsupported(sub)
         if reason:
@@ -226,6 +226,9 @@ class ClippingEngine:
             module.register_forward_hook(self._end_forward),
         ]
         for layer, (_, rule) in self.layers.items():
+            if rule.capture is not None:  # captured where its parameters are used, not at its output
+                self._handles += rule.capture(self, layer)
+                continue
             if rule.autocast:
                 self._handles.append(layer.register_forward_pre_hook(self._cast_input))
             self._handles.append(layer.register_forward_hook(self._capture))
@@ -279,7 +282,7 @@ class ClippingEngine:
         if not torch.is_grad_enabled() or not isinstance(output, torch.Tensor) or not output.requires_grad:
             return None
         if self._phase is not None:  # a checkpointed forward recomputed in the backward: same saved tensors, no call
-            return _CatchGrad.apply(output, inputs[0], self._anchor(output.device), self, None)
+            return _CatchGrad.apply(output, inputs[0], self.anchor(output.device), self, None)
         self._recomputed |= _saved_tensors_hooked()
         call = _Call(layer, self._forward)
         self._calls.setdefault(layer, []).append(call)
@@ -288,15 +291,9 @@ class ClippingEngine:
         if self.mode == "flash_bk" and not self._recomputed:  # keep the input; the backward asks for the edge
             call.input, call.edge = inputs[0], get_gradient_edge(output)
             return None
-        output = _CatchGrad.apply(output, inputs[0], self._anchor(output.device), self, call)
+        output = _CatchGrad.apply(output, inputs[0], self.anchor(output.device), self, call)
         self._nodes.append(weakref.ref(output.grad_fn))
         return output
-
-    def _anchor(self, device: torch.device) -> torch.Tensor:
-        """The leaf that every reported output is tied to: the backward of the caught path is driven towards it."""
-        if device not in self._anchors:
-            self._anchors[device] = torch.zeros((), device=device, requires_grad=True)
-        return self._anchors[device]
 
     def mark_output(self, output: torch.Tensor) -> torch.Tensor:
         """The model's output, marked so that the engine sees whether its graph is still alive (the private
@@ -307,6 +304,21 @@ class ClippingEngine:
         output = _ForwardMarker.apply(output)
         self._nodes.append(weakref.ref(output.grad_fn))
         return output
+
+    # captures other than a layer's output (`LayerRule.capture`, e.g. `dp_utils.clipping.tables`)
+
+    def anchor(self, device: torch.device) -> torch.Tensor:
+        """The leaf every captured tensor is tied to on this device: the engine's backward asks for its gradient."""
+        anchor = self._anchors.get(device)
+        if anchor is None:
+            anchor = self._anchors[device] = torch.zeros((), device=device, requires_grad=True)
+        return anchor
+
+    def new_call(self, layer: nn.Module) -> _Call:
+        """A call of `layer` in the current forward; the capture hands its pairs to `_on_grad` in the backward."""
+        call = _Call(layer, self._forward)
+        self._calls.setdefault(layer, []).append(call)
+        return call
 
     # backward
 
@@ -365,7 +377,7 @@ class ClippingEngine:
 
     def _plan(self, calls: list[_Call]) -> _Plan:
         """The stacks and single layers of these answered calls; built once per set of calls and shapes."""
-        key = tuple((id(c.layer), _shape_of(c.input), _shape_of(c.grad)) for c in calls)
+        key = (self._two_pass, *((id(c.layer), _shape_of(c.input), _shape_of(c.grad)) for c in calls))
         plan = self._plans.get(key)
         if plan is None:
             by_signature: dict[tuple, list[nn.Module]] = {}
@@ -376,7 +388,8 @@ class ClippingEngine:
                     continue
                 rule = self.layers[layer][1]
                 c = answered[0]
-                if rule.stacked_sums is None or len(layer_calls) > 1 or c.edge is None:
+                # two passes: each call's sum is added as the second pass returns it, so nothing is stacked
+                if rule.stacked_sums is None or len(layer_calls) > 1 or c.edge is None or self._two_pass:
                     singles.append(layer)
                     continue
                 trainable = tuple(p.requires_grad for p in layer.parameters(recurse=False))

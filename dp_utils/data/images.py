@@ -121,10 +121,14 @@ def content_digest(data: bytes | Exception) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def shard_fingerprint(ids: list[str], labels: list[int] | None, digests: list[str]) -> str:
-    """Fingerprint of a run of input images: each one's name, label and content digest, in order."""
+def shard_fingerprint(
+    ids: list[str], labels: list[int] | None, digests: list[str], captions: list[str] | None = None
+) -> str:
+    """Fingerprint of a run of input images: each one's name, label, content digest and caption, in order."""
     labels = labels if labels is not None else [None] * len(ids)
     lines = (f"{i}\t{y}\t{d}\n" for i, y, d in zip(ids, labels, digests, strict=True))
+    if captions is not None:  # a caption is part of its row: an edited caption makes its shard be encoded again
+        lines = (f"{line}{c!r}\n" for line, c in zip(lines, captions, strict=True))
     return hashlib.sha256("".join(lines).encode()).hexdigest()
 
 
@@ -138,6 +142,7 @@ class ImageSource:
     paths: list[str] | None = None  # an image folder
     dataset: datasets.Dataset | None = None  # a dataset, images left undecoded
     image_column: str = "image"
+    captions: list[str] | None = None  # a text-to-image cache (`dp_utils.data.captions`)
 
     def values(self, start: int, end: int) -> list:
         """The undecoded images `start..end`: paths, or the dataset's `{"bytes", "path"}` dicts or path strings."""
@@ -162,7 +167,8 @@ class ImageSource:
             with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:  # hashlib releases the GIL
                 digests = list(pool.map(digest, self.values(start, end)))
         labels = self.labels[start:end] if self.labels is not None else None
-        return shard_fingerprint(self.ids[start:end], labels, digests)
+        captions = self.captions[start:end] if self.captions is not None else None
+        return shard_fingerprint(self.ids[start:end], labels, digests, captions)
 
 
 def read_image_folder(root: str, unconditional: bool) -> ImageSource:

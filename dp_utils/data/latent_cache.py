@@ -8,6 +8,7 @@ A cache directory holds a `datasets` dataset (`datasets.load_from_disk(cache_dir
 - `label`: int64 `ClassLabel` (absent for unconditional caches). A class that had images but none readable is
   refused when the cache is written; a `ClassLabel` input keeps its classes without images (e.g. an ImageNet subset).
 - `source`: string, the image file (relative to the image folder) or the dataset row (`train[12]`) it came from.
+- `prompt_embeds`, `pooled_prompt_embeds`: a text-to-image cache's caption encodings (`dp_utils.data.captions`).
 
 and `cache_info.json`, written last, with the metadata (see `precompute_latents.py`), among it the fingerprint of
 the input's content (`dp_utils.data.images`). Every view of an image lives in that image's row, so one row is one
@@ -37,6 +38,7 @@ CACHE_INFO_NAME = "cache_info.json"
 CACHE_FORMAT_VERSION = 1
 SHARDS_DIR = "shards"  # an unfinished cache: one saved dataset and one done marker per shard
 SETTINGS_NAME = "settings.json"
+EMPTY_PROMPT_NAME = "empty_prompt.safetensors"  # a text-to-image cache's encoding of "" (`dp_utils.data.captions`)
 
 
 class CacheNotFoundError(UserError, FileNotFoundError):
@@ -116,7 +118,8 @@ def read_output_dir(output_dir: Path) -> tuple[dict | None, bool]:
 
 def dataset_files(output_dir: Path) -> list[Path]:
     """The files `save_to_disk` writes for the merged dataset."""
-    return [*output_dir.glob("data-*.arrow"), output_dir / "state.json", output_dir / "dataset_info.json"]
+    files = ["state.json", "dataset_info.json", EMPTY_PROMPT_NAME]
+    return [*output_dir.glob("data-*.arrow"), *(output_dir / name for name in files)]
 
 
 def remove_cache(output_dir: Path) -> None:

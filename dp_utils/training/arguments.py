@@ -98,6 +98,13 @@ def build_parser(description: str) -> argparse.ArgumentParser:
         help="Probability that an example's label is replaced by the null class, for classifier-free guidance; "
         "one draw per example.",
     )
+    model.add_argument(
+        "--proportion_empty_prompts",
+        type=float,
+        default=0.1,
+        help="A captioned cache (PixArt, SD3): probability that an image's caption is replaced by the empty "
+        "caption's encoding, for classifier-free guidance (as PixArt was trained); one draw per image.",
+    )
     data = parser.add_argument_group("data")
     data.add_argument(
         "--latent_cache",
@@ -280,6 +287,11 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     )
     io.add_argument(
         "--validation_classes", type=int, nargs="+", help="Class ids to sample (default: the first 32 classes)."
+    )
+    io.add_argument(
+        "--validation_prompts",
+        nargs="+",
+        help="A captioned cache: prompts to sample at each validation (one grid row each; public text, not data).",
     )
     io.add_argument("--num_validation_images", type=int, default=4, help="Images per validation class.")
     io.add_argument("--guidance_scale", type=float, default=4.0, help="Classifier-free guidance scale.")

@@ -89,6 +89,10 @@ def check_flags(args: argparse.Namespace) -> None:
         f"--class_dropout_prob must be in [0, 1], got {args.class_dropout_prob} (DiT: 0.1).",
     )
     _need(
+        _finite(args.proportion_empty_prompts, 0, 1),
+        f"--proportion_empty_prompts must be in [0, 1], got {args.proportion_empty_prompts} (PixArt: 0.1).",
+    )
+    _need(
         _finite(args.learning_rate, 0, low_inclusive=False),
         f"--learning_rate must be finite and > 0, got {args.learning_rate} (DiT: 1e-4).",
     )

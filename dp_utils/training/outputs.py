@@ -79,6 +79,12 @@ def log_validation(args, accelerator, model, ema, scheduler, vae, classes, class
         ema.restore(model.parameters())
     path = Path(args.output_dir) / "samples" / f"step-{step:06d}.png"
     save_grid(images, [class_names[c] if class_names else "unconditional" for c in classes], path)
+    send_to_trackers(accelerator, images, step)
+    return path
+
+
+def send_to_trackers(accelerator, images: torch.Tensor, step: int) -> None:
+    """A validation grid's images (N, C, H, W) in [0, 1] to tensorboard or wandb."""
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
             tracker.writer.add_images("validation", images.numpy(), step, dataformats="NCHW")
@@ -86,7 +92,6 @@ def log_validation(args, accelerator, model, ema, scheduler, vae, classes, class
             import wandb
 
             tracker.log({"validation": [wandb.Image(image.permute(1, 2, 0).numpy()) for image in images]}, step=step)
-    return path
 
 
 def save_pipeline(args, model, ema, scheduler, vae, dataset, report: dict, grid: Path | None, location: str) -> None:

@@ -48,7 +48,8 @@ def variance_rows(model: nn.Module, channels: int) -> list[FixedRows]:
         return []
     rows = variance_row_indices(config.patch_size, config.out_channels, channels)
     fixed = []
-    for layer in _output_layers(model.proj_out_2):
+    head = model.proj_out_2 if hasattr(model, "proj_out_2") else model.proj_out  # DiT's, PixArt's
+    for layer in _output_layers(head):
         for param in (layer.weight, layer.bias):
             if param is not None and param.requires_grad:
                 index = rows.to(param.device)

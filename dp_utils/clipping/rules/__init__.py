@@ -8,6 +8,8 @@ Each rule sees every call of a module in one forward as a (layer input, gradient
   multiplied each row's output gradient by that row's clip factor, so this is sum_b c_b g_b;
 - stacked_sums (optional): the same for L layers of one shape at once, their pairs stacked along the rows; norm
   must then accept such a stack too (its L * E examples are folded back to E by the engine).
+A rule covers the parameters named in `params`; one with a `capture` hands the engine its pairs itself (hooks it
+installs), in place of the engine's capture at the module's output.
 """
 
 from __future__ import annotations
@@ -15,12 +17,19 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from diffusers.models.attention import BasicTransformerBlock
+from diffusers.models.normalization import RMSNorm
+from diffusers.models.transformers.pixart_transformer_2d import PixArtTransformer2DModel
+from diffusers.models.transformers.sana_transformer import SanaTransformer2DModel, SanaTransformerBlock
 from torch import nn
 
+from ..tables import table_capture
 from .conv2d import conv2d_norm, conv2d_summed_grads, conv2d_unsupported
 from .embedding import embedding_norm, embedding_summed_grads, embedding_unsupported
 from .linear import linear_norm, linear_stacked_sums, linear_summed_grads
 from .norm import affine_norm, affine_summed_grads
+from .rms_norm import rms_norm_unsupported
+from .table import TABLE, table_norm, table_summed_grads, table_unsupported
 
 
 @dataclass(frozen=True)
@@ -32,6 +41,14 @@ class LayerRule:
     # stacked_sums(module, a, g, L): per-layer sums of L layers of one shape whose (input, output gradient) pairs are
     # stacked along the rows, {name: (L, *shape)}; a rule that has it has its norms computed on the stack too
     stacked_sums: Callable | None = None
+    params: tuple[str, ...] = ("weight", "bias")  # the module's own parameters the rule covers
+    capture: Callable | None = None  # capture(engine, module) -> hook handles, where not at the module's output
+
+
+# PixArt's and Sana's blocks and models own a scale_shift_table (and no weight or bias of their own)
+_TABLE_RULE = LayerRule(
+    table_norm, table_summed_grads, table_unsupported, params=(TABLE,), capture=table_capture((TABLE,))
+)
 
 
 RULES: dict[type, LayerRule] = {
@@ -40,4 +57,9 @@ RULES: dict[type, LayerRule] = {
     nn.Embedding: LayerRule(embedding_norm, embedding_summed_grads, embedding_unsupported),
     nn.LayerNorm: LayerRule(affine_norm, affine_summed_grads),
     nn.GroupNorm: LayerRule(affine_norm, affine_summed_grads),
+    RMSNorm: LayerRule(affine_norm, affine_summed_grads, rms_norm_unsupported),
+    BasicTransformerBlock: _TABLE_RULE,
+    PixArtTransformer2DModel: _TABLE_RULE,
+    SanaTransformerBlock: _TABLE_RULE,
+    SanaTransformer2DModel: _TABLE_RULE,
 }

@@ -1,4 +1,5 @@
-"""nn.LayerNorm and nn.GroupNorm with affine parameters: per-example gradients are small, so instantiate them.
+"""nn.LayerNorm, nn.GroupNorm and diffusers' RMSNorm with affine parameters: per-example gradients are small, so
+instantiate them.
 
 y = x_hat * w + b gives per-example dL/dw = sum over positions of g * x_hat and dL/db = sum of g.
 """
@@ -11,6 +12,7 @@ from torch import nn
 
 from ..groups import RowGroups
 from ..precision import NormTerms, square_sums, unit_roundoff, upcast
+from .rms_norm import RMSNorm, rms_norm_row_grads
 
 
 def _layer_norm_row_grads(module: nn.LayerNorm, x: torch.Tensor, g: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -27,7 +29,7 @@ def _group_norm_row_grads(module: nn.GroupNorm, x: torch.Tensor, g: torch.Tensor
     }
 
 
-_ROW_GRADS = {nn.LayerNorm: _layer_norm_row_grads, nn.GroupNorm: _group_norm_row_grads}
+_ROW_GRADS = {nn.LayerNorm: _layer_norm_row_grads, nn.GroupNorm: _group_norm_row_grads, RMSNorm: rms_norm_row_grads}
 
 
 def _row_grads(module: nn.Module, calls: list) -> dict[str, torch.Tensor]:
