@@ -223,7 +223,7 @@ def _load_config(path: str) -> dict:
     """The transformer's config of a pipeline folder or Hub id (its transformer/ subfolder), or of a model folder."""
     for subfolder in ("transformer", None):
         try:
-            return dict(diffusers.ModelMixin.load_config(path, subfolder=subfolder))
+            return dict(diffusers.DiTTransformer2DModel.load_config(path, subfolder=subfolder))
         except (OSError, ValueError):
             continue
     raise UserError(f"--pretrained_model_name_or_path {path}: no config.json there (nor in its transformer/ folder).")
