@@ -75,10 +75,15 @@ class Suite:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.done = {key_of(r): r for r in load_results(self.path) if r.get("kind", "run") == "run"}
         self.done = {k: r for k, r in self.done.items() if r["status"] in ("ok", "oom")}
+        self._on_cpu = args.cpu or not _cuda_available()
 
     def run(self, config: dict, batch_size: int, memory_limit: float | None = None, steps: int | None = None) -> dict:
         settings = dict(config, batch_size=batch_size, memory_limit_gib=memory_limit)
         key = key_of(settings)
+        unlimited = self.done.get(key_of(dict(settings, memory_limit_gib=None)))
+        if memory_limit and self._on_cpu and unlimited and unlimited["status"] == "ok":
+            if unlimited["peak_mib"] <= memory_limit * 1024:  # the limit bounds the same live bytes: it fits
+                return unlimited
         if key not in self.done:
             self.done[key] = self._append(dict(kind="run", **self._run_process(settings, steps)))
         return self.done[key]
@@ -112,24 +117,24 @@ class Suite:
 
     def largest_batch(self, config: dict, start: int, cap: int, memory_limit: float | None) -> dict:
         """Double from `start` until a step fails, then bisect: the largest batch that ran, and why the next failed."""
-        fits, failed, stopped_by = 0, None, "cap"
+        fits, failed, stopped_by, best = 0, None, "cap", {}
         batch = start
         while batch <= cap:
             record = self.run(config, batch, memory_limit, self.args.probe_steps)
             if record["status"] != "ok":
                 failed, stopped_by = batch, record["status"]
                 break
-            fits, batch = batch, batch * 2
+            fits, best, batch = batch, record, batch * 2
         while failed is not None and failed - fits > 1:
             middle = (fits + failed) // 2
-            if self.run(config, middle, memory_limit, self.args.probe_steps)["status"] == "ok":
-                fits = middle
+            record = self.run(config, middle, memory_limit, self.args.probe_steps)
+            if record["status"] == "ok":
+                fits, best = middle, record
             else:
                 failed = middle
         summary = dict(
             kind="max_batch", **config, memory_limit_gib=memory_limit, max_batch=fits, stopped_by=stopped_by
         )
-        best = self.done.get(key_of(dict(summary, batch_size=fits)), {})
         summary.update({k: best.get(k) for k in ("samples_per_s", "peak_mib", "device_name")})
         existing = [r for r in load_results(self.path) if r.get("kind") == "max_batch"]
         if summary not in existing:
