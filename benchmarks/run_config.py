@@ -44,7 +44,7 @@ from dp_utils.training.model import PRESETS, disable_label_dropout, dit_from_pre
 
 MODES = ("non_private", "flash_bk", "flash", "opacus_ghost", "opacus_hooks")
 PRECISIONS = ("fp32", "bf16")
-LORA_RANK = 16
+LORA_RANK = 4  # the trainer's default
 MIB = 2**20
 REPO = Path(__file__).resolve().parents[1]
 
@@ -133,7 +133,7 @@ def build(args, device: torch.device):
     model.train()
     disable_label_dropout(model)
     lora = lora_config(LORA_RANK, None, LORA_TARGET_MODULES) if args.trainable == "lora" else None
-    select_trainable(model, args.trainable, train_embedders=True, lora=lora)
+    select_trainable(model, args.trainable, train_embedders=args.trainable == "full", lora=lora)  # the trainer's
     if args.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     if args.mode == "opacus_ghost":

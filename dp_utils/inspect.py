@@ -26,6 +26,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .clipping.engine import UnsupportedModuleError, trainable_layers
+from .clipping.freezing import freeze_embedders
 from .errors import UserError, run_script
 from .training.adapters import LORA_TARGET_MODULES, TRAINABLE, fold_block_index, lora_config, select_trainable
 from .training.model import PRESETS, dit_from_preset
@@ -214,8 +215,11 @@ def build_model(args) -> tuple[nn.Module, int]:
         sample_size = (args.resolution or 256) // 8
         with torch.device("meta"):
             model = dit_from_preset(args.model_config, in_channels=4, sample_size=sample_size, num_classes=1000)
+    embedders = args.embedders or ("train" if args.trainable == "full" else "freeze")  # the trainer's default
     lora = lora_config(args.lora_rank, None, args.lora_target_modules) if args.trainable == "lora" else None
-    select_trainable(model, args.trainable, train_embedders=args.embedders == "train", lora=lora)
+    select_trainable(model, args.trainable, train_embedders=embedders == "train", lora=lora)
+    if embedders == "freeze":
+        freeze_embedders(model)
     return model, sample_size
 
 
@@ -321,8 +325,12 @@ def parse_args(input_args=None):
     source.add_argument("--pretrained_model_name_or_path", help="Pipeline or transformer folder (or cached Hub id).")
     source.add_argument("--model_config", choices=PRESETS, help="A DiT paper preset (4 channels, 1000 classes).")
     parser.add_argument("--trainable", choices=TRAINABLE, default="full", help="What DP-SGD trains. Default: full.")
-    parser.add_argument("--embedders", choices=["train", "freeze"], default="train", help="Attention mode only.")
-    parser.add_argument("--lora_rank", type=int, default=16, help="LoRA rank. Default: 16.")
+    parser.add_argument(
+        "--embedders",
+        choices=["train", "freeze"],
+        help="Train or freeze the timestep/class embedders. Default: as the trainer (train with full, else freeze).",
+    )
+    parser.add_argument("--lora_rank", type=int, default=4, help="LoRA rank. Default: 4 (the trainer's).")
     parser.add_argument("--lora_target_modules", nargs="+", default=LORA_TARGET_MODULES, help="LoRA targets.")
     parser.add_argument("--batch_size", type=int, default=32, help="Physical batch. Default: 32.")
     parser.add_argument(
