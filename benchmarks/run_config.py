@@ -16,9 +16,11 @@ is the composition of its peak (the highest total of live tensors over the forwa
     optimizer_step                the optimizer's temporaries, where the peak falls in its step
 
 The parts sum to the peak exactly. They come from `benchmarks.profiling.StorageTracker` (every tensor storage, no
-allocator rounding or caching) on any device; on GPU `allocator_peak_mib` adds the CUDA allocator's
-max_memory_allocated. `--memory_limit_gib` makes a step fail as out of memory ("oom") above that many GiB: on CPU
-when the live tensors exceed it, on GPU through torch.cuda.set_per_process_memory_fraction, as a smaller GPU would.
+allocator rounding or caching) on any device; on GPU the CUDA allocator's figures come beside them:
+`allocator_peak_mib` (max_memory_allocated), `allocator_reserved_mib` (max_memory_reserved) and
+`allocator_activations_mib` (memory_allocated's growth over the forward). `--memory_limit_gib` makes a step fail as
+out of memory ("oom") above that many GiB: on CPU when the live tensors exceed it, on GPU through
+torch.cuda.set_per_process_memory_fraction, as a smaller GPU would.
 """
 
 from __future__ import annotations
@@ -186,7 +188,9 @@ def measure(args, device: torch.device) -> dict:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         with PeakTracker(model_bytes + state_bytes, limit) as tracker:
+            before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
             loss = forward()
+            after = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
             tracker.phase = "backward"
             backward(loss)
             tracker.mark([p.grad for p in params if p.grad is not None], "gradients")
@@ -194,7 +198,12 @@ def measure(args, device: torch.device) -> dict:
             tracker.phase = "optimizer"
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        allocator_peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+        if device.type == "cuda":  # the allocator's view: its peak, its reserve, the forward's growth
+            allocator = dict(
+                allocator_peak=torch.cuda.max_memory_allocated(device),
+                allocator_reserved=torch.cuda.max_memory_reserved(device),
+                allocator_activations=after - before,
+            )
         times = []
         for i in range(args.warmup + args.steps):
             if device.type == "cuda":
@@ -216,8 +225,8 @@ def measure(args, device: torch.device) -> dict:
         optimizer_step=at_peak.get("optimizer", 0),
         peak=tracker.base + tracker.peak,
     )
-    if allocator_peak is not None:
-        memory["allocator_peak"] = allocator_peak
+    if device.type == "cuda":
+        memory.update(allocator)
     return dict(
         s_per_step=median,
         samples_per_s=b / median,

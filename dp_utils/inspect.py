@@ -18,6 +18,7 @@ import json
 import os
 import re
 import sys
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 import diffusers
@@ -293,15 +294,16 @@ def format_report(report: Report, all_layers: bool = False) -> str:
         lines.append("frozen: " + ", ".join(f"{name} (x{n}, {count:,})" for name, (n, count) in frozen.items()))
     trained = [layer for layer in report.layers if layer.trainable and layer.method != "refused"]
     norm_gflop = sum(layer.norm_gflop for layer in trained)
-    methods = {m: sum(layer.method == m for layer in trained) for m in ("ghost", "rank-one", "instantiate")}
+    methods = Counter(layer.method for layer in trained)
     lines += [
         f"parameters: {report.trainable:,} trainable + {report.frozen:,} frozen = {report.total_parameters:,}",
         f"reused modules: {_reused(report.layers)}",
         "norm methods: " + ", ".join(f"{n} {m}" for m, n in methods.items()) + f", {len(trained)} layers",
         f"per-example norms: {norm_gflop:.1f} GFLOP, {norm_gflop / (3 * report.forward_gflop):.1%} of a training "
-        f"step's matmuls ({3 * report.forward_gflop:.1f} GFLOP: forward x 3); largest norm buffer "
-        f"{max((layer.norm_mib for layer in trained), default=0):.1f} MiB; flash_bk keeps "
-        f"{sum(layer.kept_mib for layer in trained):.1f} MiB of output gradients until the clip factors are known",
+        f"step's matmuls ({3 * report.forward_gflop:.1f} GFLOP: forward x 3)",
+        f"engine memory: largest norm buffer {max((layer.norm_mib for layer in trained), default=0):.1f} MiB; "
+        f"flash_bk keeps {sum(layer.kept_mib for layer in trained):.1f} MiB of output gradients until the clip "
+        "factors are known",
     ]
     lines += [f"unsupported: {message}" for message in report.unsupported]
     return "\n".join(lines)
