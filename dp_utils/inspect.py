@@ -188,8 +188,10 @@ def inspect_model(model: nn.Module, inputs: dict, resolution: int, trainable_mod
         tokens = sum(c[0] for c in module_calls)
         _, d, p, x = module_calls[0]
         weight = getattr(module, "weight", None)
+        weight_trainable = weight is not None and weight.requires_grad
         layer.tokens = tokens
-        layer.method = norm_method(layer.kind, tokens, d, p, weight is not None and weight.requires_grad)
+        layer.method = norm_method(layer.kind, tokens, d, p, weight_trainable)
+        d = d if weight_trainable or layer.kind not in ("Linear", "Conv2d") else 0  # a trainable bias alone: sums
         shared = layer.method == "ghost" and len(module_calls) == 1 and id(x) in gram_of
         if layer.method == "ghost" and len(module_calls) == 1:
             gram_of.add(id(x))

@@ -1,6 +1,7 @@
 """The inspector: DiT-XL/2 from its config (nothing downloaded), a saved model folder, and refused modules."""
 
 import json
+from collections import Counter
 
 import pytest
 import torch
@@ -84,3 +85,34 @@ def test_unsupported_trainable_modules_are_named_with_the_fix():
 )
 def test_norm_method_follows_the_linear_rule_cost_test(tokens, d, p, expected):
     assert norm_method("Linear", tokens, d, p, weight_trainable=True) == expected  # ghost iff T (d + p) < d p
+
+
+def test_methods_are_the_ones_the_engine_runs(monkeypatch):
+    """The inspector's choice against the engine's own: count the rule's rank-one and ghost paths in a real backward
+    (private names of rules/linear.py: rename them here when the rule changes)."""
+    import dp_utils
+    from dp_utils.clipping.rules import linear
+
+    ran = Counter()
+    for path in ("_ghost_terms", "_rank_one_terms"):
+        original = getattr(linear, path)
+        monkeypatch.setattr(linear, path, lambda *a, _f=original, _p=path, **k: ran.update([_p]) or _f(*a, **k))
+    torch.manual_seed(0)
+    model = DiTTransformer2DModel(in_channels=4, out_channels=8, sample_size=6, **TINY)  # 9 tokens
+    report = inspect_model(model, dit_inputs(model, 2, 6), 48, "full", bf16=False)
+    expected = Counter(layer.method for layer in report.layers if layer.kind in ("Linear", "Conv2d"))
+    assert expected["ghost"] and expected["instantiate"] and expected["rank-one"]  # all three paths are exercised
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.arange(2)), batch_size=2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    private, _, criterion, _ = dp_utils.make_private(
+        module=model,
+        optimizer=optimizer,
+        data_loader=loader,
+        noise_multiplier=0.0,
+        max_grad_norm=1.0,
+        poisson_sampling=False,
+    )
+    inputs = dit_inputs(model, 2, 6)
+    inputs["hidden_states"] = torch.randn_like(inputs["hidden_states"])
+    criterion(private(**inputs).sample[:, :4], torch.randn(2, 4, 6, 6)).backward()
+    assert ran["_ghost_terms"] == expected["ghost"] and ran["_rank_one_terms"] == expected["rank-one"]
