@@ -124,7 +124,7 @@ def plot_max_batch(summaries: list[dict], group: tuple, path: Path) -> Path:
             labels, [s["max_batch"] for s in summaries], color=[MODE_STYLE[s["mode"]]["color"] for s in summaries]
         )
         for bar, s in zip(bars, summaries, strict=True):
-            speed = f"\n{s['samples_per_s']:.1f}/s" if s.get("samples_per_s") else ""
+            speed = f"\n{s['samples_per_s']:.3g}/s" if s.get("samples_per_s") else ""
             ax.annotate(
                 f"{s['max_batch']}{speed}",
                 (bar.get_x() + bar.get_width() / 2, bar.get_height()),
