@@ -393,7 +393,8 @@ class ClippingEngine:
                     singles.append(layer)
                     continue
                 trainable = tuple(p.requires_grad for p in layer.parameters(recurse=False))
-                signature = (rule, trainable, _shape_of(c.input), _shape_of(c.grad))
+                padding_idx = getattr(layer, "padding_idx", None)  # an embedding's, part of its rule
+                signature = (rule, trainable, padding_idx, _shape_of(c.input), _shape_of(c.grad))
                 by_signature.setdefault(signature, []).append(layer)
             stacks = [layers for layers in by_signature.values() if len(layers) > 1]
             singles += [layers[0] for layers in by_signature.values() if len(layers) == 1]

@@ -25,7 +25,7 @@ from torch import nn
 
 from ..tables import table_capture
 from .conv2d import conv2d_norm, conv2d_summed_grads, conv2d_unsupported
-from .embedding import embedding_norm, embedding_summed_grads, embedding_unsupported
+from .embedding import embedding_norm, embedding_stacked_sums, embedding_summed_grads, embedding_unsupported
 from .linear import linear_norm, linear_stacked_sums, linear_summed_grads
 from .norm import affine_norm, affine_summed_grads
 from .rms_norm import rms_norm_unsupported
@@ -54,7 +54,9 @@ _TABLE_RULE = LayerRule(
 RULES: dict[type, LayerRule] = {
     nn.Linear: LayerRule(linear_norm, linear_summed_grads, autocast=True, stacked_sums=linear_stacked_sums),
     nn.Conv2d: LayerRule(conv2d_norm, conv2d_summed_grads, conv2d_unsupported, autocast=True),
-    nn.Embedding: LayerRule(embedding_norm, embedding_summed_grads, embedding_unsupported),
+    nn.Embedding: LayerRule(
+        embedding_norm, embedding_summed_grads, embedding_unsupported, stacked_sums=embedding_stacked_sums
+    ),
     nn.LayerNorm: LayerRule(affine_norm, affine_summed_grads),
     nn.GroupNorm: LayerRule(affine_norm, affine_summed_grads),
     RMSNorm: LayerRule(affine_norm, affine_summed_grads, rms_norm_unsupported),

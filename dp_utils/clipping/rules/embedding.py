@@ -45,3 +45,14 @@ def embedding_summed_grads(module: nn.Embedding, calls: list) -> dict[str, torch
     g = upcast(g)
     grad = torch.zeros(module.weight.shape, dtype=g.dtype, device=g.device)
     return {"weight": grad.index_add_(0, idx.flatten(), g.flatten(0, 1))}
+
+
+def embedding_stacked_sums(module: nn.Embedding, a: torch.Tensor, g: torch.Tensor, copies: int) -> dict:
+    """Summed gradients of `copies` tables shaped like `module`, their calls stacked along the rows: one index_add
+    into a (L * V, D) buffer, layer l's indices shifted by l * V."""
+    idx, g = _tokens(module, [(a, g)])
+    rows, width = module.weight.shape
+    shift = torch.arange(copies, device=idx.device).repeat_interleave(idx.shape[0] // copies) * rows
+    grad = torch.zeros(copies * rows, width, dtype=upcast(g[:0]).dtype, device=g.device)
+    grad.index_add_(0, (idx + shift[:, None]).flatten(), upcast(g).flatten(0, 1))
+    return {"weight": grad.view(copies, rows, width)}
