@@ -46,6 +46,7 @@ from dp_utils.privacy.randomness import REPRODUCIBLE_NOISE_WARNING, DPRandomness
 from dp_utils.privacy.sampling import PoissonBatchSampler
 from dp_utils.training.adapters import TrainedParameters, lora_config, select_trainable, trained_parameters
 from dp_utils.training.arguments import build_parser
+from dp_utils.training.augmentation import augment
 from dp_utils.training.batches import PieceDataset, piece_keys, piece_loader
 from dp_utils.training.checkpoints import TrainState, register_pretrained_hooks, resolve_checkpoint, save_checkpoint
 from dp_utils.training.checks import (
@@ -61,10 +62,13 @@ from dp_utils.training.cpu_memory import retain_freed_memory
 from dp_utils.training.distributed import check_world_size, run_on_cpu
 from dp_utils.training.hub import create_model_repo, push_to_hub
 from dp_utils.training.model import checkpoint_id2label, disable_label_dropout, fit_label_table
+from dp_utils.training.optimizers import build_optimizer, check_noise_std, dp_noise_std
 from dp_utils.training.outputs import log_validation, save_pipeline
 from dp_utils.training.plan import RunPlan, plan_run, privacy_ledger, privacy_report, training_summary
 from dp_utils.training.pretrained import load_model
+from dp_utils.training.recipe import training_recipe
 from dp_utils.training.released import noise_source, private_metrics, public_config
+from dp_utils.training.timesteps import sample_timesteps, timestep_range
 from dp_utils.training.variance import keep_rows_fixed, variance_rows
 
 logger = get_logger(__name__)
@@ -144,7 +148,7 @@ def open_data_and_model(args):
 
 
 def make_private(args, accelerator, transformer, dataset, plan: RunPlan, randomness: DPRandomness):
-    """AdamW over the trainable parameters, wrapped by dp_utils: (model, DP optimizer, criterion, what is trained)."""
+    """--optimizer on the trainable parameters, wrapped by dp_utils: (model, DP optimizer, criterion, what trains)."""
     disable_label_dropout(transformer)
     lora = lora_config(args.lora_rank, args.lora_alpha, args.lora_target_modules) if args.trainable == "lora" else None
     select_trainable(transformer, args.trainable, args.embedders == "train", lora)
@@ -153,12 +157,8 @@ def make_private(args, accelerator, transformer, dataset, plan: RunPlan, randomn
     if args.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     transformer.to(accelerator.device).train()
-    optimizer = torch.optim.AdamW(
-        [p for p in transformer.parameters() if p.requires_grad],
-        lr=args.learning_rate,
-        betas=(args.adam_beta1, args.adam_beta2),
-        weight_decay=args.adam_weight_decay,
-    )
+    noise_std = dp_noise_std(args, plan) if args.optimizer == "dp_adambc" else 0.0  # sigma C / B: public
+    optimizer = build_optimizer(args, [p for p in transformer.parameters() if p.requires_grad], noise_std)
     fixed = variance_rows(transformer, transformer.config.in_channels)  # the learned-variance half stays as loaded
     keep_rows_fixed(optimizer, fixed)  # on the optimizer that applies the update: after the DP noise
     k = args.noise_multiplicity
@@ -187,6 +187,8 @@ def make_private(args, accelerator, transformer, dataset, plan: RunPlan, randomn
         accountant=args.accountant,
         noise_generator=randomness.noise_generator,
     )
+    if args.optimizer == "dp_adambc":
+        check_noise_std(noise_std, optimizer, accelerator.num_processes)
     return model, optimizer, criterion, trained_parameters(transformer, args.trainable, fixed)
 
 
@@ -217,8 +219,11 @@ def piece_loss(args, accelerator, run: Run, piece) -> dp_utils.DPLoss:
     k = args.noise_multiplicity
     latents = piece.latents.to(accelerator.device, non_blocking=True).repeat_interleave(k, 0)  # (BK, C, H, W)
     labels = piece.labels.to(accelerator.device, non_blocking=True).repeat_interleave(k, 0)  # (BK,)
+    latents = augment(latents, args.augmentation)  # K views of each image, clipped as one example
     noise = torch.randn_like(latents)
-    timesteps = torch.randint(0, run.scheduler.config.num_train_timesteps, (len(latents),), device=latents.device)
+    timesteps = sample_timesteps(
+        len(latents), *timestep_range(args, run.scheduler.config.num_train_timesteps), latents.device
+    )
     noisy = run.scheduler.add_noise(latents, noise, timesteps)
     with accelerator.autocast():
         prediction = run.model(noisy, timestep=timesteps, class_labels=labels).sample[:, : latents.shape[1]]
@@ -330,6 +335,7 @@ def finish(args, accelerator, run: Run, epsilon: float, repo_id: str | None) -> 
             noise_seed_given=run.randomness.reproducible,
             noise_source=noise_source(run.randomness.reproducible),
             private_metrics_logged=args.log_private_metrics,
+            recipe=training_recipe(args, run.scheduler.config.num_train_timesteps, run.optimizer.original_optimizer),
         )
         grid = validate(args, accelerator, run) if args.validation_steps else None
         location = repo_id or args.output_dir
@@ -346,6 +352,7 @@ def main(args):
     accelerator = start_accelerator(args)
     resume = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir) if args.resume_from_checkpoint else None
     transformer, scheduler, vae, dataset, null_label = open_data_and_model(args)
+    timestep_range(args, scheduler.config.num_train_timesteps)  # refused before any compute
     plan = plan_run(len(dataset), args.logical_batch_size, args.max_train_steps, args.num_train_epochs, args.delta)
     check_data(args, plan.num_images, dataset.num_classes, dataset.conditional, plan.delta)
     for warning in run_warnings(plan.num_images, args.logical_batch_size, plan.delta):

@@ -98,6 +98,19 @@ def check_flags(args: argparse.Namespace) -> None:
         _finite(args.adam_weight_decay, 0),
         f"--adam_weight_decay must be finite and >= 0, got {args.adam_weight_decay}.",
     )
+    _need(
+        _finite(args.dp_adambc_gamma, 0, low_inclusive=False),
+        f"--dp_adambc_gamma must be > 0, got {args.dp_adambc_gamma}.",
+    )
+    _need(
+        _finite(args.sgd_momentum, 0) and args.sgd_momentum < 1,
+        f"--sgd_momentum must be in [0, 1), got {args.sgd_momentum}.",
+    )
+    high = args.timestep_max
+    _need(
+        args.timestep_min >= 0 and (high is None or high >= args.timestep_min),
+        f"--timestep_min/--timestep_max must satisfy 0 <= min <= max, got {args.timestep_min} and {high}.",
+    )
     _need(_finite(args.ema_decay, 0, 1), f"--ema_decay must be in [0, 1], got {args.ema_decay} (DiT: 0.9999).")
     _need(0 <= args.seed < 2**32, f"--seed must be in [0, 2**32), got {args.seed}.")
     _need(
