@@ -304,6 +304,14 @@ def build_parser(description: str) -> argparse.ArgumentParser:
         "--validation_classes", type=int, nargs="+", help="Class ids to sample (default: the first 32 classes)."
     )
     io.add_argument("--num_validation_images", type=int, default=4, help="Images per validation class.")
+    io.add_argument(
+        "--public_finisher_steps",
+        type=int,
+        default=0,
+        help="Fine-tuning: the last K of --num_inference_steps sampling steps are the pretrained model's (the public "
+        "prior cleans the details; post-processing, no privacy cost). Validation grids use it; the privacy report "
+        "and the card name it and show how to sample so. Needs the checkpoint's class ids to be the dataset's.",
+    )
     io.add_argument("--guidance_scale", type=float, default=4.0, help="Classifier-free guidance scale.")
     io.add_argument("--num_inference_steps", type=int, default=25, help="DPM-Solver steps when sampling.")
     hub = parser.add_argument_group("Hugging Face Hub")

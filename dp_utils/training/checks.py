@@ -83,6 +83,14 @@ def check_flags(args: argparse.Namespace) -> None:
         f"--checkpoints_total_limit must be >= 1, got {args.checkpoints_total_limit}; leave it out to keep all.",
     )
     _need(args.num_inference_steps >= 1, f"--num_inference_steps must be >= 1, got {args.num_inference_steps}.")
+    _need(
+        0 <= args.public_finisher_steps <= args.num_inference_steps,
+        f"--public_finisher_steps must be in [0, --num_inference_steps], got {args.public_finisher_steps}.",
+    )
+    _need(
+        not args.public_finisher_steps or args.pretrained_model_name_or_path,
+        "--public_finisher_steps needs --pretrained_model_name_or_path: the public model that finishes the samples.",
+    )
     _need(math.isfinite(args.guidance_scale), f"--guidance_scale must be finite, got {args.guidance_scale}.")
     _need(
         _finite(args.class_dropout_prob, 0, 1),

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DiTTransformer2DModel, DPMSolverMultistepScheduler
 from diffusers.schedulers import SchedulerMixin
+
+from ..errors import UserError
+from .model import checkpoint_id2label
 
 
 @torch.no_grad()
@@ -100,3 +104,22 @@ def pipeline_id2label(folder: Path) -> dict | None:
     """The class names a pipeline folder stores in model_index.json (None when it has none)."""
     index = folder / "model_index.json"
     return json.loads(index.read_text()).get("id2label") if index.exists() else None
+
+
+@functools.cache
+def _pretrained_transformer(pretrained: str, revision: str | None, cache_dir: str | None) -> DiTTransformer2DModel:
+    return DiTTransformer2DModel.from_pretrained(
+        pretrained, subfolder="transformer", revision=revision, cache_dir=cache_dir
+    )
+
+
+def public_finisher(args, class_names: list[str] | None) -> DiTTransformer2DModel:
+    """The pretrained (public) transformer for --public_finisher_steps, refused unless its class ids are the data's."""
+    finisher = _pretrained_transformer(args.pretrained_model_name_or_path, args.revision, args.cache_dir).eval()
+    id2label = checkpoint_id2label(args.pretrained_model_name_or_path, finisher)
+    if class_names and (id2label is None or [id2label.get(i) for i in range(len(class_names))] != list(class_names)):
+        raise UserError(
+            "--public_finisher_steps: the pretrained model's class ids are not the dataset's classes in order, so it "
+            "cannot finish samples of them; leave the flag out."
+        )
+    return finisher

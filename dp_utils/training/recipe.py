@@ -16,6 +16,12 @@ def training_recipe(args, num_train_timesteps: int, inner_optimizer) -> dict:
         augmentation=args.augmentation,
         views_per_image=args.noise_multiplicity,
     )
+    if args.public_finisher_steps:
+        recipe["public_finisher"] = dict(
+            model=args.pretrained_model_name_or_path,
+            last_steps=args.public_finisher_steps,
+            of_steps=args.num_inference_steps,
+        )
     if args.optimizer == "dp_adambc":
         recipe.update(dp_adambc_noise_variance=inner_optimizer.noise_variance, dp_adambc_gamma=args.dp_adambc_gamma)
     return recipe
@@ -39,6 +45,14 @@ def describe_recipe(report: dict) -> str:
         notes.append(
             f"Augmentation multiplicity: {recipe['views_per_image']} {recipe['augmentation']}ed views of each image "
             "per step, clipped together as one example."
+        )
+    finisher = recipe.get("public_finisher")
+    if finisher:
+        notes.append(
+            f"Sampling (post-processing, no privacy cost): the last {finisher['last_steps']} of "
+            f"{finisher['of_steps']} sampling steps by the public model `{finisher['model']}` "
+            "(`dp_utils.training.generation.generate(..., finisher=public_transformer, "
+            f"finisher_steps={finisher['last_steps']})`); the samples shown are made so."
         )
     notes += [f"Post-processing (no privacy cost): {step}." for step in report.get("post_processing", [])]
     return " ".join(notes)

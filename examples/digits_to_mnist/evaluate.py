@@ -80,9 +80,27 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     return float(mean_term + np.trace(cov_a) + np.trace(cov_b) - 2 * trace_sqrt)
 
 
-def sample(model_dir: Path, per_class: int, args, finisher_steps: int = 0) -> torch.Tensor:
+def scored_variants(args) -> list[tuple[Path, str | None, int]]:
+    """(model, finisher pipeline, finisher steps) to score: each --finisher_steps K with --public_model, or by default
+    the finisher a model's privacy report recommends (train_dp_dit.py --public_finisher_steps), else none."""
+    public = Path(args.public_model).resolve()
+    variants = []
+    for model_dir in map(Path, args.model_dirs):
+        if args.finisher_steps is None:
+            report = json.loads((model_dir / "privacy_report.json").read_text())
+            finisher = (report.get("recipe") or {}).get("public_finisher")
+            variants.append(
+                (model_dir, finisher["model"], finisher["last_steps"]) if finisher else (model_dir, None, 0)
+            )
+        else:
+            is_public = model_dir.resolve() == public
+            variants += [(model_dir, args.public_model, k) for k in args.finisher_steps if not (k and is_public)]
+    return variants
+
+
+def sample(model_dir: Path, per_class: int, args, finisher_dir: str | None = None, finisher_steps: int = 0):
     """Grey samples (10 * per_class, 1, H, W), class c at rows c * per_class ..., from a pixel-space model folder;
-    the last `finisher_steps` sampling steps by --public_model's transformer."""
+    the last `finisher_steps` sampling steps by the transformer of the pipeline in `finisher_dir`."""
     labels = [digit for digit in range(10) for _ in range(per_class)]
     images = sample_pixel_pipeline(
         model_dir,
@@ -90,7 +108,7 @@ def sample(model_dir: Path, per_class: int, args, finisher_steps: int = 0) -> to
         args.guidance_scale,
         args.num_inference_steps,
         args.seed,
-        finisher_dir=args.public_model,
+        finisher_dir=finisher_dir,
         finisher_steps=finisher_steps,
     )
     return images.mean(1, keepdim=True)
@@ -149,12 +167,8 @@ def main(args):
     save_labelled_grid(test_images, 100, results / "grids" / "heldout-mnist.png")
     per_class = args.samples_per_class
     labels = torch.arange(10).repeat_interleave(per_class)
-    public = Path(args.public_model).resolve()
-    runs = [
-        (Path(m), k) for m in args.model_dirs for k in args.finisher_steps if not (k and Path(m).resolve() == public)
-    ]
-    for model_dir, finisher_steps in runs:
-        images = sample(model_dir, per_class, args, finisher_steps)
+    for model_dir, finisher_dir, finisher_steps in scored_variants(args):
+        images = sample(model_dir, per_class, args, finisher_dir, finisher_steps)
         predictions, features = predict(judge, images)
         hits = (predictions == labels).float().numpy()
         recognised, recognised_se = hits.mean(), hits.std() / np.sqrt(len(hits))
@@ -196,8 +210,8 @@ if __name__ == "__main__":
         "--finisher_steps",
         type=int,
         nargs="+",
-        default=[0],
-        help="Score each model with its last K sampling steps by --public_model, for each K given (0: none).",
+        help="Score each model with its last K sampling steps by --public_model, for each K given (0: none; "
+        "default: the finisher each model's privacy report recommends, if any).",
     )
     parser.add_argument("--seed", type=int, default=0, help="Seed of the classifiers and the sampling noise.")
     parser.add_argument("--num_threads", type=int, default=2, help="torch CPU threads.")
