@@ -60,6 +60,7 @@ from dp_utils.training.checks import (
 )
 from dp_utils.training.cpu_memory import retain_freed_memory
 from dp_utils.training.distributed import check_world_size, run_on_cpu
+from dp_utils.training.generation import public_finisher
 from dp_utils.training.hub import create_model_repo, push_to_hub
 from dp_utils.training.model import checkpoint_id2label, disable_label_dropout, fit_label_table
 from dp_utils.training.optimizers import build_optimizer, check_noise_std, dp_noise_std
@@ -353,6 +354,8 @@ def main(args):
     resume = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir) if args.resume_from_checkpoint else None
     transformer, scheduler, vae, dataset, null_label = open_data_and_model(args)
     timestep_range(args, scheduler.config.num_train_timesteps)  # refused before any compute
+    if args.public_finisher_steps:
+        public_finisher(args, dataset.class_names if dataset.conditional else None)  # likewise
     plan = plan_run(len(dataset), args.logical_batch_size, args.max_train_steps, args.num_train_epochs, args.delta)
     check_data(args, plan.num_images, dataset.num_classes, dataset.conditional, plan.delta)
     for warning in run_warnings(plan.num_images, args.logical_batch_size, plan.delta):
