@@ -8,6 +8,7 @@ Writes alpha * DP + (1 - alpha) * public into a copy of the DP pipeline folder; 
 """
 
 import argparse
+import shutil
 import sys
 from pathlib import Path
 
@@ -21,9 +22,14 @@ def main(args):
     for folder in (args.dp_model, args.public_model):
         if not Path(folder, "transformer", "config.json").is_file():
             raise UserError(f"{folder} is not a pipeline folder with a transformer/ (a train_dp_dit.py output).")
-    if Path(args.output_dir).exists():
-        raise UserError(f"--output_dir {args.output_dir} exists: pick a new folder.")
-    output = interpolate_pipeline(args.dp_model, args.public_model, args.alpha, args.output_dir)
+    output = Path(args.output_dir)
+    if output.resolve() in (Path(args.dp_model).resolve(), Path(args.public_model).resolve()):
+        raise UserError(f"--output_dir {output} is one of the input pipelines: pick a new folder.")
+    if output.exists() and not args.overwrite_output_dir:
+        raise UserError(f"--output_dir {output} exists: pick a new folder, or pass --overwrite_output_dir.")
+    if output.exists():
+        shutil.rmtree(output)
+    interpolate_pipeline(args.dp_model, args.public_model, args.alpha, output)
     print(f"Wrote {output}")
 
 
@@ -33,4 +39,5 @@ if __name__ == "__main__":
     parser.add_argument("public_model", help="The public pipeline folder it was fine-tuned from.")
     parser.add_argument("--alpha", type=float, default=0.5, help="Weight of the DP model (default: %(default)s).")
     parser.add_argument("--output_dir", required=True, help="A new folder for the interpolated pipeline.")
+    parser.add_argument("--overwrite_output_dir", action="store_true", help="Replace an existing --output_dir.")
     sys.exit(run_script(lambda: main(parser.parse_args())))

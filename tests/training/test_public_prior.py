@@ -82,7 +82,8 @@ def test_interpolate_weights_refuses_bad_input_in_one_line(tmp_path):
     for argv, message in [
         ([str(dp), str(public), "--alpha", "1.5", "--output_dir", str(tmp_path / "x")], "--alpha must be in [0, 1]"),
         ([str(dp), str(tmp_path), "--output_dir", str(tmp_path / "x")], "is not a pipeline folder"),
-        ([str(dp), str(public), "--output_dir", str(public)], "exists"),
+        ([str(dp), str(public), "--output_dir", str(public)], "one of the input pipelines"),
+        ([str(dp), str(public), "--output_dir", str(tmp_path)], "exists"),
     ]:
         result = subprocess.run(
             [sys.executable, str(REPO_ROOT / "interpolate_weights.py"), *argv], capture_output=True, text=True
