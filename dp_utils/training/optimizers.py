@@ -54,8 +54,8 @@ class DPAdamBC(torch.optim.Optimizer):
                 if p.grad is None:
                     continue
                 state = self.state[p]
-                if not state:
-                    state["step"] = 0
+                if not state:  # the step count is a tensor on the device: the step can be a CUDA graph's
+                    state["step"] = torch.zeros((), dtype=torch.promote_types(p.dtype, torch.float32), device=p.device)
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["step"] += 1
@@ -65,7 +65,7 @@ class DPAdamBC(torch.optim.Optimizer):
                 if group["weight_decay"]:
                     p.mul_(1 - group["lr"] * group["weight_decay"])
                 v_hat = (v / (1 - beta2**t)).sub_(self.noise_variance).clamp_(min=group["gamma"])
-                p.addcdiv_(m, v_hat.sqrt_(), value=-group["lr"] / (1 - beta1**t))
+                p.addcdiv_(m / (1 - beta1**t), v_hat.sqrt_(), value=-group["lr"])
         return loss
 
 
