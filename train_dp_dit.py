@@ -32,11 +32,10 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import AutocastKwargs, ProjectConfiguration, set_seed
 from diffusers import AutoencoderKL, DDPMScheduler, DiTTransformer2DModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 import dp_utils
@@ -46,8 +45,9 @@ from dp_utils.privacy.randomness import REPRODUCIBLE_NOISE_WARNING, DPRandomness
 from dp_utils.privacy.sampling import PoissonBatchSampler
 from dp_utils.training.adapters import TrainedParameters, lora_config, select_trainable, trained_parameters
 from dp_utils.training.arguments import build_parser
+from dp_utils.training.attention import set_attention_backend
 from dp_utils.training.augmentation import augment
-from dp_utils.training.batches import PieceDataset, piece_keys, piece_loader
+from dp_utils.training.batches import PhysicalBatchDataset, physical_batch_keys, physical_batch_loader
 from dp_utils.training.checkpoints import TrainState, register_pretrained_hooks, resolve_checkpoint, save_checkpoint
 from dp_utils.training.checks import (
     check_data,
@@ -158,6 +158,8 @@ def make_private(args, accelerator, transformer, dataset, plan: RunPlan, randomn
     if args.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     transformer.to(accelerator.device).train()
+    if args.attention_backend:
+        set_attention_backend(transformer, args.attention_backend)
     noise_std = dp_noise_std(args, plan) if args.optimizer == "dp_adambc" else 0.0  # sigma C / B: public
     optimizer = build_optimizer(args, [p for p in transformer.parameters() if p.requires_grad], noise_std)
     fixed = variance_rows(transformer, transformer.config.in_channels)  # the learned-variance half stays as loaded
@@ -167,14 +169,15 @@ def make_private(args, accelerator, transformer, dataset, plan: RunPlan, randomn
     def per_draw_mse(prediction, noise):  # an image's K draws are its rows: its loss is their mean
         return dp_utils.per_sample_mse(prediction, noise) / k
 
-    # make_private derives Opacus' sample rate (1 / steps per epoch) and expected batch from this loader; the
-    # batches themselves come from PoissonBatchSampler in train(), which can resume at any step. The returned
-    # model is what trains (Opacus' modes wrap it); `transformer` stays the DiT that is sampled and saved.
+    # The batches come from PoissonBatchSampler in train(), which can resume at any step: make_private gets the
+    # plan's q and N, so the optimizer divides by the plan's expected batch q N. The returned model is what trains
+    # (Opacus' modes wrap it); `transformer` stays the DiT that is sampled and saved.
     calibrate = args.target_epsilon is not None
     model, optimizer, criterion, _ = dp_utils.make_private(
         module=transformer,
         optimizer=optimizer,
-        data_loader=DataLoader(dataset, batch_size=args.logical_batch_size),
+        sample_rate=plan.sample_rate,
+        dataset_size=plan.num_images,
         criterion=per_draw_mse,
         max_grad_norm=args.max_grad_norm,
         noise_multiplier=args.noise_multiplier,
@@ -187,10 +190,19 @@ def make_private(args, accelerator, transformer, dataset, plan: RunPlan, randomn
         distributed=accelerator.num_processes > 1,
         accountant=args.accountant,
         noise_generator=randomness.noise_generator,
+        cuda_graphs=cuda_graphs_wanted(args, accelerator),
     )
     if args.optimizer == "dp_adambc":
         check_noise_std(noise_std, optimizer, accelerator.num_processes)
     return model, optimizer, criterion, trained_parameters(transformer, args.trainable, fixed)
+
+
+def cuda_graphs_wanted(args, accelerator) -> bool:
+    """--cuda_graphs as given; by default on where it runs: CUDA, our engine, a torch that can capture the noise."""
+    if args.cuda_graphs is not None:
+        return args.cuda_graphs
+    supported = hasattr(torch.cuda.CUDAGraph, "register_generator_state")
+    return accelerator.device.type == "cuda" and args.grad_sample_mode in ("flash_bk", "flash") and supported
 
 
 def restore_or_begin(args, accelerator, run: Run, resume: Path | None) -> None:
@@ -215,20 +227,44 @@ def restore_or_begin(args, accelerator, run: Run, resume: Path | None) -> None:
     accelerator.wait_for_everyone()
 
 
-def piece_loss(args, accelerator, run: Run, piece) -> dp_utils.DPLoss:
-    """Per-row losses (B*K,) of one physical batch: K noise and timestep draws per image, clipped as one example."""
+def physical_batch_loss(args, accelerator, run: Run, latents, labels, mask) -> dp_utils.DPLoss:
+    """Per-row losses (B*K,) of one physical batch: K noise and timestep draws per image, clipped as one example;
+    padding rows give exact zeros. (Under CUDA graphs this is captured: the draws come from torch's default
+    generator, which a replay advances, and autocast keeps no cache of casts.)"""
     k = args.noise_multiplicity
-    latents = piece.latents.to(accelerator.device, non_blocking=True).repeat_interleave(k, 0)  # (BK, C, H, W)
-    labels = piece.labels.to(accelerator.device, non_blocking=True).repeat_interleave(k, 0)  # (BK,)
+    latents, labels, mask = (x.repeat_interleave(k, 0) for x in (latents, labels, mask))  # (BK, ...)
     latents = augment(latents, args.augmentation)  # K views of each image, clipped as one example
     noise = torch.randn_like(latents)
     timesteps = sample_timesteps(
         len(latents), *timestep_range(args, run.scheduler.config.num_train_timesteps), latents.device
     )
     noisy = run.scheduler.add_noise(latents, noise, timesteps)
-    with accelerator.autocast():
+    with accelerator.autocast(autocast_handler=AutocastKwargs(cache_enabled=False)):
         prediction = run.model(noisy, timestep=timesteps, class_labels=labels).sample[:, : latents.shape[1]]
-    return run.criterion(prediction, noise)  # the engine clips the sum over each image's K rows
+    return run.criterion(prediction, noise, mask=mask)  # the engine clips the sum over each image's K rows
+
+
+def physical_step(args, accelerator, run: Run):
+    """(latents, labels, mask) -> per-row losses, after the clipped backward: replayed as a CUDA graph or eager."""
+
+    def eager(latents, labels, mask):
+        loss = physical_batch_loss(args, accelerator, run, latents, labels, mask)
+        loss.backward()
+        return loss.losses.detach()
+
+    if getattr(run.optimizer, "graphed_step", None) is None:
+        return eager
+    return dp_utils.CudaGraphedStep(lambda *tensors: physical_batch_loss(args, accelerator, run, *tensors))
+
+
+def noisy_step(args, run: Run, loss_sum: torch.Tensor) -> None:
+    """The logical batch's DP step; a non-finite loss or norm stops the run before the update (one host sync)."""
+    try:
+        if args.grad_sample_mode.startswith("opacus"):  # their optimizers do not check the norms
+            check_loss(loss_sum.item(), run.state.step, args.learning_rate)
+        run.optimizer.step()
+    except FloatingPointError:
+        check_loss(math.nan, run.state.step, args.learning_rate)
 
 
 def train(args, accelerator, run: Run) -> float:
@@ -243,33 +279,38 @@ def train(args, accelerator, run: Run) -> float:
         world,
         state.step,
     )
-    pieces = PieceDataset(run.dataset, args.class_dropout_prob, run.null_label, args.seed, accelerator.process_index)
-    keys = piece_keys(sampler, state.step, args.max_physical_batch_size)
-    loader = piece_loader(pieces, keys, args.dataloader_num_workers, pin_memory=accelerator.device.type == "cuda")
+    opacus = args.grad_sample_mode.startswith("opacus")
+    size, rank = args.max_physical_batch_size, accelerator.process_index
+    batches = PhysicalBatchDataset(run.dataset, args.class_dropout_prob, run.null_label, args.seed, rank, size)
+    keys = physical_batch_keys(sampler, state.step, size)
+    loader = physical_batch_loader(batches, keys, args.dataloader_num_workers, accelerator.device.type == "cuda")
+    step_physical_batch = physical_step(args, accelerator, run)
     # A PRV epsilon costs ~0.1 s, as much as a small model's step: refresh it about 100 times per run.
     epsilon_every = math.ceil(plan.max_train_steps / 100)
     epsilon = run.spent_epsilon()
-    # Opacus' optimizers take one backward per step (hooks: each more counts as another batch, q times their
-    # number; ghost: the next backward zeroes the last one's clipped sum). The pieces of a logical batch are folded
-    # in by skipped steps instead, as Opacus' BatchMemoryManager does; the noise is added once, after the last.
-    fold_pieces = args.grad_sample_mode.startswith("opacus")
+    # Our engine adds every physical batch's clipped sum into the same buffers; Opacus' optimizers take one backward
+    # per step (hooks: each more counts as another batch, q times their number; ghost: the next backward zeroes
+    # the last one's clipped sum), so their physical batches are folded in by skipped steps, as Opacus'
+    # BatchMemoryManager does. Either way the noise is added once, after the last. Nothing in a logical batch reads
+    # a value back from the device until its noisy step.
     show = dict(disable=not accelerator.is_local_main_process, desc="DP steps")
     with tqdm(range(state.step, plan.max_train_steps), initial=state.step, total=plan.max_train_steps, **show) as bar:
         tick = time.perf_counter()
-        for _, step_pieces in itertools.groupby(loader, key=attrgetter("step")):  # one logical batch
-            loss_sum, rows, images = 0.0, 0, 0
-            for piece in step_pieces:  # its physical batches
-                if len(piece.labels):  # an empty local batch still steps: noise, all-reduce and accounting
-                    loss = piece_loss(args, accelerator, run, piece)
-                    batch_loss = loss.detach().sum().item() * k
-                    check_loss(batch_loss, state.step, args.learning_rate)  # nothing clipped, noised or accounted
-                    loss.backward()
-                    loss_sum, rows, images = loss_sum + batch_loss, rows + len(loss.losses), images + len(piece.labels)
-                if fold_pieces and not piece.last:
-                    run.optimizer.signal_skip_step(do_skip=True)  # clip and sum this piece into summed_grad
+        for _, physical_batches in itertools.groupby(loader, key=attrgetter("step")):  # one logical batch
+            loss_sum = torch.zeros((), device=accelerator.device, dtype=torch.float64)
+            rows = images = 0
+            for batch in physical_batches:  # all padding if the local batch is empty
+                tensors = (
+                    x.to(accelerator.device, non_blocking=True) for x in (batch.latents, batch.labels, batch.mask)
+                )
+                loss_sum += step_physical_batch(*tensors).sum() * k
+                real = int(batch.mask.sum())  # the mask is still on the host: no device sync
+                rows, images = rows + real * k, images + real
+                if opacus and not batch.last:
+                    run.optimizer.signal_skip_step(do_skip=True)  # clip and sum this batch into summed_grad
                     run.optimizer.step()
                     run.optimizer.zero_grad(set_to_none=True)
-            run.optimizer.step()
+            noisy_step(args, run, loss_sum)
             run.lr_scheduler.step()
             run.optimizer.zero_grad(set_to_none=True)
             if run.ema is not None:
@@ -282,7 +323,7 @@ def train(args, accelerator, run: Run) -> float:
             # throughput at the expected (public) batch: the step's own batch size is private
             logs = {"lr": lr, "samples/s": plan.expected_batch_size / seconds}
             if args.log_private_metrics:  # functions of the private data, outside the accounting
-                logs.update(private_metrics(accelerator, loss_sum, rows, images))
+                logs.update(private_metrics(accelerator, loss_sum.item(), rows, images))
             if state.step % epsilon_every == 0 or state.step == plan.max_train_steps:
                 epsilon = logs["epsilon"] = run.spent_epsilon()
             bar.update(1)
@@ -290,6 +331,8 @@ def train(args, accelerator, run: Run) -> float:
             bar.set_postfix(**shown, eps=f"{epsilon:.3f}", lr=f"{lr:.2g}", **{"img/s": f"{logs['samples/s']:.1f}"})
             accelerator.log(logs, step=state.step)
             if args.checkpointing_steps and state.step % args.checkpointing_steps == 0:
+                if hasattr(run.optimizer, "discard_noise_ahead"):  # the checkpoint holds the generator before it
+                    run.optimizer.discard_noise_ahead()
                 save_checkpoint(accelerator, args.output_dir, state.step, args.checkpoints_total_limit)
             if args.validation_steps and state.step % args.validation_steps == 0 and accelerator.is_main_process:
                 validate(args, accelerator, run)

@@ -6,15 +6,21 @@ from .clipping.engine import ClippingEngine, UnsupportedModuleError
 from .clipping.freezing import freeze_embedders
 from .clipping.groups import RowGroups
 from .clipping.losses import DPCriterion, DPLoss, per_sample_mse
+from .privacy.cuda_graphs import CudaGraphedStep
+from .privacy.optimizer import DPOptimizer
+from .privacy.physical_batches import PhysicalBatchLoader
 from .privacy.privacy_engine import GRAD_SAMPLE_MODES, PrivacyEngine, make_private
 from .privacy.sampling import PoissonBatchSampler, poisson_data_loader
 
 __all__ = [
     "BatchMemoryManager",
     "ClippingEngine",
+    "CudaGraphedStep",
     "DPCriterion",
     "DPLoss",
+    "DPOptimizer",
     "GRAD_SAMPLE_MODES",
+    "PhysicalBatchLoader",
     "PoissonBatchSampler",
     "PrivacyEngine",
     "RowGroups",

@@ -1,10 +1,12 @@
 """The clipping engine: exact per-example gradient norms and clipped gradient sums without per-example gradients.
 
-Every module that owns trainable parameters gets a forward hook: its output passes through an identity autograd
-function that saves the layer input (as autograd saves any tensor, so activation checkpointing recomputes it) and,
-in the backward, hands the engine (layer input, output gradient). The backward is driven by `torch.autograd.grad`
-towards a dummy anchor every hooked output is tied to, so autograd computes activation gradients only, never
-parameter gradients. From the pairs the per-layer rules give per-example norms (ghost norm or instantiation), then
+Every module that owns trainable parameters gets a forward hook that records the call: its input, and the edge of
+the autograd graph its output leaves by. The backward is one `torch.autograd.grad` towards those edges, which hands
+back every layer's output gradient at once; autograd computes activation gradients only, never parameter
+gradients, and no Python runs inside it. (Under activation checkpointing or offloading, and in mode flash, each
+output instead passes through an identity autograd function that saves the layer input as autograd saves any
+tensor, so that it is recomputed, and reports (input, output gradient) as the backward reaches it.) From the pairs
+the per-layer rules give per-example norms (ghost norm or instantiation), then
 
     norms:  ||g_e||^2 = sum over layers of the layer's per-example squared norm    (all calls, all rows of e)
     clip:   c_e = min(1, C / (||g_e|| + rounding bound))                              (`dp_utils.clipping.precision`)
@@ -14,11 +16,18 @@ parameter gradients. From the pairs the per-layer rules give per-example norms (
                       pairs and sums them as they arrive. Memory as non-private training; also what flash_bk does
                       when the forward's saved tensors go through hooks (gradient checkpointing, offloading).
 
+Plan once, run many: the first backward (and any whose layer calls or shapes differ) builds a plan: the layers that
+run as one stack (linear layers of one shape, e.g. every block's q projection: their pairs are stacked and each rule
+runs once per stack, not once per layer), and the guards that walk the autograd graph. Sums go into one flat buffer
+whose views are the parameters' `.grad` (`dp_utils.clipping.flat_grads`). A padding row (mask False) contributes
+exactly nothing: its layer inputs and output gradients are replaced by zeros before any product, so NaN or inf in
+it cannot leak into a norm or a sum.
+
 Under autocast, inputs of linear and convolution layers are cast once (shared by the layers reading one tensor, e.g.
 q, k, v) to the dtype the layer computes in, so the engine keeps and multiplies what the layer itself uses.
 Nothing outlives the backward: every captured tensor is released when it ends. A gradient the engine did not clip
 is refused: a parameter used outside its layer, a backward not driven by the engine, a second forward before the
-first one's backward. Noise and scaling are the optimizer's stages (Opacus' DPOptimizerFastGradientClipping).
+first one's backward. Noise and scaling are the optimizer's (`dp_utils.privacy.optimizer`).
 """
 
 from __future__ import annotations
@@ -30,7 +39,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.autograd.graph import GradientEdge, get_gradient_edge
 
+from .flat_grads import FlatGradients
 from .groups import RowGroups
 from .precision import NormTerms, in_dtype_rounded_down
 from .rules import RULES, LayerRule
@@ -51,9 +62,31 @@ class _Call:
     forward: int  # the engine's count of forwards when the call ran
     input: torch.Tensor | None = None
     grad: torch.Tensor | None = None
+    edge: GradientEdge | None = None  # where the output's gradient arrives (None: reported by _CatchGrad)
 
     def release(self) -> None:
-        self.input = self.grad = None
+        self.input = self.grad = self.edge = None
+
+
+@dataclass
+class _Plan:
+    """What the backward of one set of layer calls (layers, shapes, dtypes) runs: built once, then reused."""
+
+    stacks: list[list[nn.Module]]  # layers whose pairs are stacked and handled as one (one call each, one shape)
+    singles: list[nn.Module]  # every other layer with answered calls, each on its own
+
+
+class _ForwardMarker(torch.autograd.Function):
+    """Identity on a model output: its node (weakly referenced) is alive while a loss computed from it can still be
+    back-propagated; the engine's own references to the graph (edges) lie upstream and do not keep it alive."""
+
+    @staticmethod
+    def forward(ctx, output):
+        return output.view_as(output)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
 
 
 class _CatchGrad(torch.autograd.Function):
@@ -124,6 +157,10 @@ def _no_autocast(device_type: str) -> contextlib.AbstractContextManager:
     return torch.autocast(device_type, enabled=False) if torch.is_autocast_enabled(device_type) else _NO_CONTEXT
 
 
+def _shape_of(x: torch.Tensor | None) -> tuple | None:
+    return None if x is None else (x.shape, x.dtype)
+
+
 def _saved_tensors_hooked() -> bool:
     """Whether autograd's saved tensors go through hooks now (activation checkpointing, offloading to CPU)."""
     return torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
@@ -144,7 +181,8 @@ class ClippingEngine:
         # (E,) norms of the last backward, before clipping: derived from the private data, so kept only when asked for
         self.record_norms = record_norms
         self.per_example_norms: torch.Tensor | None = None
-        self.nonfinite: torch.Tensor | None = None  # True once a norm was not finite; read by the optimizer's step
+        self.nonfinite: torch.Tensor | None = None  # True once a norm was not finite; the optimizer reads, clears it
+        self.tainted = False  # an unclipped gradient reached a `.grad`: the sums are unusable until zeroed
         self._param_names = {
             p: f"{path}.{n}" if path != "<root module>" else n
             for layer, (path, _) in self.layers.items()
@@ -152,6 +190,14 @@ class ClippingEngine:
             if p.requires_grad
         }
         self._frozen = [(n, p) for n, p in module.named_parameters() if p not in self._param_names]
+        self.grads = FlatGradients(list(self._param_names))
+        device = next(iter(self._param_names)).device if self._param_names else None
+        self.nonfinite = None if device is None else torch.zeros((), dtype=torch.bool, device=device)
+        self._plans: dict[tuple, _Plan] = {}
+        self._guarded: set[tuple] = set()  # sets of calls and shapes whose graph was checked
+        self._normed: set[nn.Module] = set()  # layers whose norms were streamed in this backward
+        self._stacked: list[tuple] = []  # (layers, stacked inputs, stacked output gradients) kept for the sums
+        self._pad: torch.Tensor | None = None  # (B,) True for a padding row, during a backward
         self._anchors: dict[torch.device, torch.Tensor] = {}
         self._forward = 0
         self._calls: dict[nn.Module, list[_Call]] = {}  # the current forward's calls, per layer
@@ -187,11 +233,11 @@ class ClippingEngine:
         self._grad_forward = torch.is_grad_enabled() and self._phase is None
         if not self._grad_forward:  # evaluation, or a recompute in the backward
             return
-        if self._calls and any(node() is not None for node in self._nodes):
+        if any(node() is not None for node in self._nodes):
             raise RuntimeError(
                 "The private model ran a second forward before the backward of the first: the engine clips one "
-                "forward per backward. Call backward() on the first loss, or drop it (`del loss, prediction`) "
-                "before the next forward; run evaluation under torch.no_grad()."
+                "forward per backward. Call backward() on the first loss before the next forward, or drop it "
+                "(`del loss`); run evaluation under torch.no_grad()."
             )
         self._release()
         self._forward += 1
@@ -222,53 +268,113 @@ class ClippingEngine:
             )
         if not torch.is_grad_enabled() or not isinstance(output, torch.Tensor) or not output.requires_grad:
             return None
-        anchor = self._anchors.get(output.device)
-        if anchor is None:
-            anchor = self._anchors[output.device] = torch.zeros((), device=output.device, requires_grad=True)
         if self._phase is not None:  # a checkpointed forward recomputed in the backward: same saved tensors, no call
-            return _CatchGrad.apply(output, inputs[0], anchor, self, None)
+            return _CatchGrad.apply(output, inputs[0], self._anchor(output.device), self, None)
         self._recomputed |= _saved_tensors_hooked()
         call = _Call(layer, self._forward)
         self._calls.setdefault(layer, []).append(call)
         if not inputs[0].requires_grad:
             self._first_layers.add(layer)
-        output = _CatchGrad.apply(output, inputs[0], anchor, self, call)
+        if self.mode == "flash_bk" and not self._recomputed:  # keep the input; the backward asks for the edge
+            call.input, call.edge = inputs[0], get_gradient_edge(output)
+            return None
+        output = _CatchGrad.apply(output, inputs[0], self._anchor(output.device), self, call)
+        self._nodes.append(weakref.ref(output.grad_fn))
+        return output
+
+    def _anchor(self, device: torch.device) -> torch.Tensor:
+        """The leaf that every reported output is tied to: the backward of the caught path is driven towards it."""
+        if device not in self._anchors:
+            self._anchors[device] = torch.zeros((), device=device, requires_grad=True)
+        return self._anchors[device]
+
+    def mark_output(self, output: torch.Tensor) -> torch.Tensor:
+        """The model's output, marked so that the engine sees whether its graph is still alive (the private
+        criterion marks its prediction): a second forward is refused while a loss from the first can still be
+        back-propagated."""
+        if not (self._calls and output.requires_grad):
+            return output
+        output = _ForwardMarker.apply(output)
         self._nodes.append(weakref.ref(output.grad_fn))
         return output
 
     # backward
 
-    def backward(self, losses: torch.Tensor, groups: RowGroups) -> None:
-        """Clip each example's gradient of its summed row losses to max_grad_norm; add the sum to `.grad`."""
+    def backward(self, losses: torch.Tensor, groups: RowGroups, mask: torch.Tensor | None = None) -> None:
+        """Clip each example's gradient of its summed row losses to max_grad_norm; add the sum to `.grad`.
+
+        `mask` (B,) bool, False for a padding row: that row contributes exactly nothing, whatever its values.
+        """
         self._check_coverage()
+        self.grads.attach()
         self.per_example_norms = None
         if losses.numel() == 0 or not self._calls:
             self._release()
             return
-        self._check_graph(losses)
-        self._groups, self._terms = groups, []
+        calls = [c for layer_calls in self._calls.values() for c in layer_calls]
+        fast = [c for c in calls if c.edge is not None]
+        guard_key = tuple((id(c.layer), c.edge is None, _shape_of(c.input)) for c in calls)
+        if guard_key not in self._guarded:  # a new set of calls or shapes: walk the graph once
+            self._check_graph(losses, fast)
+            self._guarded.add(guard_key)
+        self._groups, self._terms, self._normed = groups, [], set()
+        self._pad = None if mask is None else ~mask.to(losses.device, torch.bool).view(-1)
         self._two_pass = self.mode == "flash" or self._recomputed
-        anchors = list(self._anchors.values())
+        anchors = list(self._anchors.values()) if len(fast) < len(calls) else []
+        edges = [c.edge for c in fast]
         # The last pass also reaches the parameters of layers whose input needs no gradient: autograd runs (and
         # frees) a node only on a path to what it is asked for, and nothing else would free what those layers saved
         # for their weight gradient while the caller holds the loss. Those few small gradients are discarded.
-        last_pass = anchors + [p for layer in self._first_layers for p in layer.parameters() if p in self._param_names]
+        first = [p for layer in self._first_layers for p in layer.parameters() if p in self._param_names]
         try:
-            self._phase = "norms"  # norms accumulate as the output gradients arrive
-            torch.autograd.grad(
-                losses.sum(), anchors if self._two_pass else last_pass, retain_graph=self._two_pass, allow_unused=True
-            )
+            self._phase = "norms"  # norms of reported pairs accumulate as they arrive
+            targets = anchors + edges if self._two_pass else anchors + edges + first
+            grads = torch.autograd.grad(losses.sum(), targets, retain_graph=self._two_pass, allow_unused=True)
+            for c, grad in zip(fast, grads[len(anchors) :], strict=False):
+                c.grad = grad
+            del grads  # each output gradient is then held by its call alone, and freed once stacked
             with torch.no_grad():  # the engine's own arithmetic must not build a graph on the stored activations
-                row_coef = self._clip_factors(losses, groups)
+                row_coef = self._clip_factors(losses, groups, self._plan(calls))
                 if not self._two_pass:
                     self._book_keeping(row_coef)
             if self._two_pass:
-                self._release_calls()
+                for c in calls:  # the second pass hands every output gradient again; fast calls keep their input
+                    c.grad = None
+                    if c.edge is None:
+                        c.input = None
                 self._phase, self._row_factors = "sums", _RowFactors(row_coef)  # each layer's sum as its pairs return
-                torch.autograd.grad(losses.sum(), last_pass, allow_unused=True)
+                grads = torch.autograd.grad(losses.sum(), anchors + edges + first, allow_unused=True)
+                with torch.no_grad():
+                    for c, grad in zip(fast, grads[len(anchors) :], strict=False):
+                        if grad is not None:
+                            self._add_clipped(c.layer, c.input, grad)
         finally:  # nothing the engine captured outlives the backward, also when it fails
-            self._phase, self._groups, self._terms, self._row_factors = None, None, [], None
+            self._phase, self._groups, self._terms, self._row_factors, self._pad = None, None, [], None, None
             self._release()
+
+    def _plan(self, calls: list[_Call]) -> _Plan:
+        """The stacks and single layers of these answered calls; built once per set of calls and shapes."""
+        key = tuple((id(c.layer), _shape_of(c.input), _shape_of(c.grad)) for c in calls)
+        plan = self._plans.get(key)
+        if plan is None:
+            by_signature: dict[tuple, list[nn.Module]] = {}
+            singles = []
+            for layer, layer_calls in self._calls.items():
+                answered = [c for c in layer_calls if c.grad is not None]
+                if not answered or layer in self._normed:
+                    continue
+                rule = self.layers[layer][1]
+                c = answered[0]
+                if rule.stacked_sums is None or len(layer_calls) > 1 or c.edge is None:
+                    singles.append(layer)
+                    continue
+                trainable = tuple(p.requires_grad for p in layer.parameters(recurse=False))
+                signature = (rule, trainable, _shape_of(c.input), _shape_of(c.grad))
+                by_signature.setdefault(signature, []).append(layer)
+            stacks = [layers for layers in by_signature.values() if len(layers) > 1]
+            singles += [layers[0] for layers in by_signature.values() if len(layers) == 1]
+            plan = self._plans[key] = _Plan(stacks, singles)
+        return plan
 
     def _on_grad(self, call: _Call | None, layer_input: torch.Tensor, grad: torch.Tensor) -> None:
         if self._phase is None:
@@ -284,61 +390,115 @@ class ClippingEngine:
             return
         call.input, call.grad = layer_input, grad
         calls = self._calls[call.layer]
-        if all(c.grad is not None for c in calls):
-            self._add_norms(call.layer, calls)
-            if self._two_pass:
-                for c in calls:
-                    c.release()
+        if all(c.grad is not None and c.edge is None for c in calls):  # streamed: norms now, the pairs dropped
+            self._terms.append(self._norms(call.layer, calls))
+            self._normed.add(call.layer)
+            for c in calls:
+                c.release()
 
-    def _add_norms(self, layer: nn.Module, calls: list[_Call]) -> None:
-        path, rule = self.layers[layer]
+    def _masked(self, x: torch.Tensor) -> torch.Tensor:
+        """x with its padding rows replaced by zeros (a copy; x as it is without padding)."""
+        if self._pad is None:
+            return x
+        return x.masked_fill(self._pad.view(-1, *[1] * (x.dim() - 1)), 0)
+
+    def _check_rows(self, layer: nn.Module, x: torch.Tensor, rows: int) -> None:
+        if x.shape[0] != rows:
+            raise ValueError(
+                f"Module '{self.layers[layer][0]}' saw an input with {x.shape[0]} rows but the loss has "
+                f"{rows}: per-example clipping needs the batch as the first dimension of every "
+                "layer input, one forward per backward, and one loss per row."
+            )
+
+    def _norms(self, layer: nn.Module, calls: list[_Call]) -> NormTerms:
+        """The layer's norm terms from its answered calls, whose pairs are replaced by their masked copies."""
         for c in calls:
-            if c.input.shape[0] != self._groups.num_rows:
-                raise ValueError(
-                    f"Module '{path}' saw an input with {c.input.shape[0]} rows but the loss has "
-                    f"{self._groups.num_rows}: per-example clipping needs the batch as the first dimension of every "
-                    "layer input, one forward per backward, and one loss per row."
-                )
+            self._check_rows(layer, c.input, self._groups.num_rows)
+            c.input, c.grad = self._masked(c.input), self._masked(c.grad)
         with _no_autocast(calls[0].grad.device.type):
-            terms = rule.norm(layer, [(c.input, c.grad) for c in calls], self._groups)
-        self._terms.append(terms)
+            return self.layers[layer][1].norm(layer, [(c.input, c.grad) for c in calls], self._groups)
 
-    def _clip_factors(self, losses: torch.Tensor, groups: RowGroups) -> torch.Tensor:
+    def _stack(self, layers: list[nn.Module], stacked_inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layers' (input, output gradient) pairs stacked along the rows as two (L * B, ...) tensors, padding
+        rows zeroed; the per-call tensors are dropped. Layers reading the same inputs (q, k, v) share one stack."""
+        calls = [self._calls[layer][0] for layer in layers]
+        rows = self._groups.num_rows
+        for layer, c in zip(layers, calls, strict=True):
+            self._check_rows(layer, c.input, rows)
+        key = tuple(id(c.input) for c in calls)
+        inputs = stacked_inputs.get(key)
+        if inputs is None:
+            inputs = stacked_inputs[key] = self._zero_padding(torch.stack([c.input for c in calls]))
+        grads = self._zero_padding(torch.stack([c.grad for c in calls]))
+        for c in calls:
+            c.release()
+        return inputs.flatten(0, 1), grads.flatten(0, 1)
+
+    def _zero_padding(self, stacked: torch.Tensor) -> torch.Tensor:
+        """(L, B, ...) with its padding rows zeroed in place."""
+        if self._pad is not None:
+            stacked.masked_fill_(self._pad.view(1, -1, *[1] * (stacked.dim() - 2)), 0)
+        return stacked
+
+    def _clip_factors(self, losses: torch.Tensor, groups: RowGroups, plan: _Plan) -> torch.Tensor:
         """Per-row clip factor c_e(b) = min(1, C / (upper bound of ||g_e|| + 1e-6)), (B,)."""
-        for layer, calls in self._calls.items():  # layers with calls whose output never reached the loss
-            answered = [c for c in calls if c.grad is not None]
-            if 0 < len(answered) < len(calls):  # a layer all of whose calls answered is counted (or released) already
-                self._add_norms(layer, answered)
-        terms = NormTerms.total(self._terms) if self._terms else NormTerms(losses.new_zeros(groups.num_examples))
+        terms = list(self._terms)
+        self._stacked, stacked_inputs = [], {}
+        for layers in plan.stacks:
+            inputs, grads = self._stack(layers, stacked_inputs)
+            self._stacked.append((layers, inputs, grads))
+            copies = len(layers)
+            with _no_autocast(grads.device.type):
+                stack_terms = self.layers[layers[0]][1].norm(layers[0], [(inputs, grads)], groups.stacked(copies))
+            terms.append(stack_terms.fold(copies))
+        for layer in plan.singles:
+            terms.append(self._norms(layer, [c for c in self._calls[layer] if c.grad is not None]))
+        if self._two_pass:
+            self._stacked = []
+        terms = NormTerms.total(terms) if terms else NormTerms(losses.new_zeros(groups.num_examples))
         if self.record_norms:
             self.per_example_norms = terms.norm_sq.sqrt()
-        nonfinite = ~torch.isfinite(terms.norm_sq).all()
-        self.nonfinite = nonfinite if self.nonfinite is None else self.nonfinite | nonfinite
+        if self.nonfinite is None or self.nonfinite.device != terms.norm_sq.device:
+            self.nonfinite = torch.zeros((), dtype=torch.bool, device=terms.norm_sq.device)
+        self.nonfinite.logical_or_(~torch.isfinite(terms.norm_sq).all())  # in place: one flag, read per logical batch
         coef = (self.max_grad_norm / (terms.upper_norm() + 1e-6)).clamp(max=1.0)
         return groups.expand(coef)
 
     def _add_clipped(self, layer: nn.Module, layer_input: torch.Tensor, grad: torch.Tensor) -> None:
-        """Second pass of flash: add one call's clipped sum; the gradient flows on unscaled, so scale a copy."""
-        self._accumulate(layer, [(layer_input, grad * self._row_factors.for_grad(grad))])
+        """Second pass: add one call's clipped sum; the gradient flows on unscaled, so scale a copy."""
+        scaled = self._masked(grad) * self._row_factors.for_grad(grad)
+        self._accumulate(layer, [(self._masked(layer_input), scaled)])
 
     def _book_keeping(self, row_coef: torch.Tensor) -> None:
         """p.grad += sum_b c_b g_b for every trainable parameter, from the stored inputs and output gradients."""
+        factors = _RowFactors(row_coef)
+        rows = row_coef.shape[0]
+        stacked, self._stacked = self._stacked, []
+        while stacked:  # free as we go: the peak is the pairs kept, not the pairs plus all the gradients
+            layers, inputs, grads = stacked.pop(0)
+            grads.view(len(layers), rows, *grads.shape[1:]).mul_(factors.for_grad(grads[:rows]))
+            self._accumulate_stacked(layers, inputs, grads)
+            del layers, inputs, grads
         answered = {layer: [c for c in calls if c.grad is not None] for layer, calls in self._calls.items()}
-        self._scale_output_grads([c for calls in answered.values() for c in calls], _RowFactors(row_coef))
+        self._scale_output_grads([c for calls in answered.values() for c in calls], factors)
         for layer, calls in answered.items():
             if calls:
                 self._accumulate(layer, [(c.input, c.grad) for c in calls])
-            for c in calls:  # free as we go: the peak is the pairs kept, not the pairs plus all the gradients
+            for c in calls:
                 c.release()
 
     def _accumulate(self, layer: nn.Module, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         with _no_autocast(pairs[0][1].device.type):
             grads = self.layers[layer][1].summed_grads(layer, pairs)
         for name, grad in grads.items():
-            param = getattr(layer, name)
-            if grad.dtype != param.dtype:
-                grad = grad.to(param.dtype)
-            param.grad = grad if param.grad is None else param.grad + grad
+            self.grads.views[getattr(layer, name)].add_(grad)
+
+    def _accumulate_stacked(self, layers: list[nn.Module], inputs: torch.Tensor, grads: torch.Tensor) -> None:
+        with _no_autocast(grads.device.type):
+            sums = self.layers[layers[0]][1].stacked_sums(layers[0], inputs, grads, len(layers))
+        for name, stacked in sums.items():
+            views = [self.grads.views[getattr(layer, name)] for layer in layers]
+            torch._foreach_add_(views, list(stacked.unbind(0)))
 
     @staticmethod
     def _scale_output_grads(calls: list[_Call], factors: _RowFactors) -> None:
@@ -372,9 +532,10 @@ class ClippingEngine:
                     "not be clipped. Set requires_grad before calling make_private."
                 )
 
-    def _check_graph(self, losses: torch.Tensor) -> None:
+    def _check_graph(self, losses: torch.Tensor, fast: list[_Call]) -> None:
         """Refuse a loss that reaches a trainable parameter other than through its layer's call, e.g.
         F.linear(x, layer.weight) or a penalty on the weights: that gradient would not be clipped."""
+        layer_inputs = {c.edge.node: c.input.grad_fn for c in fast}  # a recorded output's node -> its layer's input
         seen, stack = set(), [losses.grad_fn]
         while stack:
             node = stack.pop()
@@ -383,6 +544,9 @@ class ClippingEngine:
             seen.add(node)
             if isinstance(node, _CatchGrad._backward_cls):  # skip the layer's own ops, go on from its input
                 stack.append(node.next_functions[1][0])
+                continue
+            if node in layer_inputs:
+                stack.append(layer_inputs[node])
                 continue
             param = getattr(node, "variable", None)  # AccumulateGrad: a leaf
             if param is not None and param in self._param_names:
@@ -395,9 +559,10 @@ class ClippingEngine:
 
     def _unclipped_gradient(self, param: torch.Tensor) -> None:
         """A post-accumulate-grad hook: autograd itself wrote into a trainable parameter's gradient."""
-        param.grad = None  # never let an unclipped gradient reach the optimizer
+        self.tainted = True  # the optimizer refuses to step on these sums until they are zeroed
+        param.grad = None  # never let an unclipped gradient reach an optimizer
         raise RuntimeError(
-            f"An unclipped gradient reached '{self._param_names[param]}'.grad: a backward outside the clipping "
+            f"An unclipped gradient reached '{self._param_names[param]}'.grad: a backward ran without the clipping "
             "engine (e.g. loss.backward() on a loss not from the private criterion). Call backward() on the loss "
             "the private criterion returns."
         )
@@ -413,4 +578,4 @@ class ClippingEngine:
         """Drop every reference to the current forward's tensors and graph (also those a caller still holds)."""
         self._release_calls()
         self._calls, self._nodes, self._last_cast, self._recomputed = {}, [], None, False
-        self._first_layers = set()
+        self._first_layers, self._normed, self._stacked = set(), set(), []

@@ -25,6 +25,7 @@ class RowGroups:
         self.num_rows = num_rows
         self._last: tuple | None = None  # (key, tensor, value) of the last shared() call
         self._contiguous = None  # K when rows i*K..i*K+K-1 form example i (no copy needed to group them)
+        self._stacked: dict[int, RowGroups] = {}
         if group_ids is None:
             if num_rows % multiplicity:
                 raise ValueError(
@@ -93,6 +94,18 @@ class RowGroups:
             return x if k == 1 else x.reshape(self.num_examples, k, *x.shape[1:]).sum(1)
         out = x.new_zeros(self.num_examples, *x.shape[1:])
         return out.index_add_(0, self.row_to_example.to(x.device), x)
+
+    def stacked(self, copies: int) -> RowGroups:
+        """The groups of `copies` batches laid one after another along the rows (L layers' rows stacked); one
+        object per number of copies, so that stacks of one input (q, k, v) share what `shared` keeps."""
+        if copies not in self._stacked:
+            if self._contiguous is not None:
+                self._stacked[copies] = RowGroups(None, copies * self.num_rows, self._contiguous)
+            else:
+                offsets = torch.arange(copies).repeat_interleave(self.num_rows) * self.num_examples
+                ids = self.row_to_example.repeat(copies) + offsets
+                self._stacked[copies] = RowGroups(ids, copies * self.num_rows)
+        return self._stacked[copies]
 
     def expand(self, per_example: torch.Tensor) -> torch.Tensor:
         """(E,) -> (B,): each row gets its example's value."""

@@ -28,10 +28,10 @@ def unit_roundoff(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).eps / 2 if dtype in LOW_PRECISION else 0.0
 
 
-@functools.cache
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """At least fp32: where norms and sums accumulate (cached: torch.promote_types is a dispatched op)."""
-    return torch.promote_types(dtype, torch.float32)
+    """At least fp32: where norms and sums accumulate (torch.promote_types(dtype, float32) without dispatching
+    an op: every step then dispatches the same ops from its first)."""
+    return dtype if dtype.is_floating_point and dtype.itemsize >= 4 else torch.float32
 
 
 def upcast(x: torch.Tensor) -> torch.Tensor:
@@ -106,6 +106,14 @@ class NormTerms:
 
         fields = ([t.norm_sq for t in terms], [t.norm_sq_error for t in terms], [t.scaling_error_sq for t in terms])
         return NormTerms(*(add(values) for values in fields))
+
+    def fold(self, copies: int) -> NormTerms:
+        """Terms of `copies` layers computed as one (copies * E,) batch, summed per example: (E,)."""
+
+        def fold(value: torch.Tensor | float) -> torch.Tensor | float:
+            return value.view(copies, -1).sum(0) if isinstance(value, torch.Tensor) else value * copies
+
+        return NormTerms(fold(self.norm_sq), fold(self.norm_sq_error), fold(self.scaling_error_sq))
 
     def upper_norm(self) -> torch.Tensor:
         """An upper bound on each example's contribution norm per unit of clip factor."""

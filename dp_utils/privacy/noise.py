@@ -1,19 +1,13 @@
-"""Gaussian noise for DP-SGD, added in place: grad <- scale * grad + N(0, std^2 I) for every parameter.
+"""Gaussian noise for DP-SGD, added in place: t <- scale * t + N(0, std^2 I) for every tensor t.
 
-The scaling by 1 / batch size rides in the noise pass: one read and write of every gradient, not two.
+The scaling by 1 / batch size rides in the noise pass. On CPU, `NoiseAhead` draws the next step's noise on a
+background thread while the current step computes (torch's CPU sampler is serial, and its cost is that of a whole
+optimizer step), from generators expanded from 248 bits of the caller's generator, so that runs stay resumable from
+the caller's generator state. On an accelerator, `add_noise_foreach_` draws one flat normal vector per chunk of
+tensors and applies it with `torch._foreach_mul_` / `torch._foreach_add_` (a few kernels, not three per tensor).
 
-On CPU the draws are serial per generator and fresh tensors fault in fresh pages, so the parameters are split over
-the intra-op threads; each thread draws into one reused scratch buffer, the caller's thread from the caller's
-generator (or torch's global one), each other thread from its own generator, whose whole state is expanded from 248
-bits drawn from the caller's: runs stay resumable from the caller's generator state, and no thread's stream is one
-of the 2^32 that torch's `manual_seed` gives.
-
-On an accelerator, one randn + mul + add per parameter is three small kernels per tensor (thousands per step for a
-DiT-XL); `add_noise_foreach_` instead draws one flat normal vector per chunk of tensors (at most CHUNK_NUMEL
-elements), splits it into views and applies it with `torch._foreach_mul_` / `torch._foreach_add_`.
-
-A step whose noise is not in every gradient must never be taken: any failure, in any thread, raises `NoiseError`
-from `add_` once every thread has stopped, so that the optimizer neither applies nor accounts the step.
+A step whose noise is not in every gradient must never be taken: a failure, in any thread, raises `NoiseError` in
+the caller's thread, so that the optimizer neither applies nor accounts the step.
 """
 
 from __future__ import annotations
@@ -26,85 +20,87 @@ import torch
 from .randomness import fork_entropy, generator_from_entropy
 
 CHUNK_NUMEL = 2**26  # elements per flat draw on an accelerator: 256 MiB of fp32 scratch at most
-NUMEL_PER_THREAD = 2**15  # on CPU, fewer elements per share than this are drawn on fewer threads
+DRAW_BLOCK_NUMEL = 2**16  # elements per normal_ call of a CPU draw
 
 
 class NoiseError(RuntimeError):
     """Drawing or adding the noise failed: the gradients hold partial noise and the step must not be taken."""
 
 
-class GaussianNoise:
-    """Scales tensors and adds N(0, std^2) in place; keeps per-thread scratch buffers between calls."""
+class NoiseAhead:
+    """The noise of the next step drawn on a background thread while the current one computes (CPU tensors).
+
+    `add_(tensors, std, generator, scale)` waits for the draws made for these tensors (drawing them now the first
+    time), applies t <- scale * t + z with z ~ N(0, std^2) in one pass, and starts drawing the next step's z (at
+    the same std) into the same buffers. Each
+    step's draws come from a generator whose whole state is expanded from 248 bits drawn from `generator` in the
+    caller's thread (`fork_entropy`), so the caller's generator is never touched by the background thread.
+    `discard(generator)` drops the draw in flight and puts the generator back to its state before that draw's fork:
+    call it before saving the generator's state, and a run resumed from it draws exactly the noise an uninterrupted
+    run draws (never one already applied: the discarded draw was not).
+    """
 
     def __init__(self):
-        self._scratch: dict[tuple, torch.Tensor] = {}
+        self._draws: list[torch.Tensor] = []
+        self._std = 1.0  # of the draws
+        self._state_before_fork: torch.Tensor | None = None  # the caller's generator before the draw in flight
+        self._thread: threading.Thread | None = None
+        self._failure: BaseException | None = None
 
     def add_(
         self, tensors: list[torch.Tensor], std: float, generator: torch.Generator | None = None, scale: float = 1.0
     ) -> None:
-        """t <- scale * t + N(0, std^2) for every t; the noise comes from `generator` (None: torch's global RNG).
-
-        Raises NoiseError if any tensor may have been left without its noise.
-        """
         _check_std_and_scale(std, scale)
-        if std == 0 or not tensors:
-            if scale != 1:
-                for t in tensors:
-                    t.mul_(scale)
-            return
-        on_cpu = [t for t in tensors if t.device.type == "cpu"]
-        elsewhere = [t for t in tensors if t.device.type != "cpu"]
-        if elsewhere:
-            add_noise_foreach_(elsewhere, std, generator, scale)
-        if on_cpu:
-            self._add_on_threads_(on_cpu, std, generator, scale)
-
-    def _add_on_threads_(
-        self, tensors: list[torch.Tensor], std: float, generator: torch.Generator | None, scale: float
-    ) -> None:
-        """The CPU pass: one share of the tensors per intra-op thread (the caller is one); every failure is collected.
-
-        Small gradients get fewer shares (at least NUMEL_PER_THREAD elements each): starting a thread costs more than
-        drawing a few thousand normals.
-        """
-        total = sum(t.numel() for t in tensors)
-        shares = _balanced_shares(tensors, min(torch.get_num_threads(), math.ceil(total / NUMEL_PER_THREAD)))
-        entropies = fork_entropy(generator, len(shares) - 1)  # drawn before share 0 draws from `generator`
-        failures: list[BaseException] = []
-
-        def run(share: list[torch.Tensor], entropy: list[int] | None, index: int) -> None:
-            try:
-                source = generator if entropy is None else generator_from_entropy(entropy)
-                self._add_share(share, std, scale, source, index)
-            except BaseException as error:  # re-raised below, in the caller's thread
-                failures.append(error)
-
-        workers = [
-            threading.Thread(target=run, args=(share, entropy, i))
-            for i, (share, entropy) in enumerate(zip(shares[1:], entropies, strict=True), start=1)
-        ]
-        for worker in workers:
-            worker.start()
-        run(shares[0], None, 0)  # the caller's share, from the caller's generator
-        for worker in workers:
-            worker.join()
-        if failures:
-            raise NoiseError(
-                f"Adding Gaussian noise failed in {len(failures)} of {len(shares)} threads ({failures[0]!r}): "
-                "some gradients have no noise, so this step must not be taken or accounted."
-            ) from failures[0]
-
-    def _add_share(
-        self, share: list[torch.Tensor], std: float, scale: float, generator: torch.Generator | None, index: int
-    ) -> None:
+        draws = self._wait()
+        if [(z.shape, z.dtype) for z in draws] != [(t.shape, t.dtype) for t in tensors]:
+            draws = self._draws = [torch.empty_like(t, device="cpu") for t in tensors]
+            self._draw(fork_entropy(generator, 1)[0], std or 1.0)  # here, in the caller's thread, the first time
+            draws = self._wait()
         with torch.no_grad():
-            for t in share:
-                scratch = self._scratch.get((index, t.dtype))
-                if scratch is None or scratch.numel() < t.numel():
-                    # share[0] is the largest tensor of the share (_balanced_shares deals them largest first)
-                    scratch = self._scratch[index, t.dtype] = torch.empty(share[0].numel(), dtype=t.dtype)
-                noise = scratch[: t.numel()].view(t.shape).normal_(0.0, std, generator=generator)
-                torch.add(noise, t, alpha=scale, out=t)
+            if self._std != std:  # drawn at another std (or at 1 where std is 0 now)
+                torch._foreach_mul_(draws, std / self._std)
+            for t, z in zip(tensors, draws, strict=True):
+                torch.add(z, t, alpha=scale, out=t)
+        self._state_before_fork = None if generator is None else generator.get_state()
+        entropy = fork_entropy(generator, 1)[0]
+        self._thread = threading.Thread(target=self._draw, args=(entropy, std or 1.0), daemon=True)
+        self._thread.start()
+
+    def discard(self, generator: torch.Generator | None) -> None:
+        """Drop the draw in flight; the generator goes back to before its fork (see the class)."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread, self._failure = None, None
+        self._draws = []
+        if generator is not None and self._state_before_fork is not None:
+            generator.set_state(self._state_before_fork)
+        self._state_before_fork = None
+
+    def _draw(self, entropy: list[int], std: float) -> None:
+        try:
+            self._std = std
+            _draw_into(self._draws, entropy, std)
+        except BaseException as error:  # re-raised by the next add_, in the caller's thread
+            self._failure = error
+
+    def _wait(self) -> list[torch.Tensor]:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._failure is not None:
+            failure, self._failure, self._draws = self._failure, None, []
+            raise NoiseError(f"Drawing the noise failed ({failure!r}): this step must not be taken.") from failure
+        return self._draws
+
+
+def _draw_into(draws: list[torch.Tensor], entropy: list[int], std: float) -> None:
+    """N(0, std^2) values into every tensor, from a generator expanded from `entropy`; in blocks of
+    DRAW_BLOCK_NUMEL elements, which torch's CPU sampler fills faster than one long tensor."""
+    generator = generator_from_entropy(entropy)
+    with torch.no_grad():
+        for z in draws:
+            for block in z.view(-1).split(DRAW_BLOCK_NUMEL):
+                block.normal_(0.0, std, generator=generator)
 
 
 def add_noise_foreach_(
@@ -177,14 +173,3 @@ def tensor_chunks(tensors: list[torch.Tensor], max_numel: int) -> list[list[torc
         groups[key][-1].append(t)
         sizes[key] += t.numel()
     return [chunk for chunks in groups.values() for chunk in chunks]
-
-
-def _balanced_shares(tensors: list[torch.Tensor], parts: int) -> list[list[torch.Tensor]]:
-    """Split tensors into at most `parts` lists of similar total size (largest first, to the lightest list)."""
-    shares: list[list[torch.Tensor]] = [[] for _ in range(max(1, min(parts, len(tensors))))]
-    sizes = [0] * len(shares)
-    for t in sorted(tensors, key=torch.Tensor.numel, reverse=True):
-        lightest = sizes.index(min(sizes))
-        shares[lightest].append(t)
-        sizes[lightest] += t.numel()
-    return shares

@@ -29,9 +29,9 @@ from opacus.grad_sample.grad_sample_module_fast_gradient_clipping import GradSam
 from opacus.optimizers import (
     DistributedDPOptimizer,
     DistributedDPOptimizerFastGradientClipping,
-    DPOptimizer,
     DPOptimizerFastGradientClipping,
 )
+from opacus.optimizers import DPOptimizer as OpacusDPOptimizer
 from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
 from torch import nn
 from torch.utils.data import DataLoader
@@ -40,7 +40,9 @@ from ..clipping.engine import MODES, ClippingEngine
 from ..clipping.groups import RowGroups
 from ..clipping.losses import DPCriterion, per_sample_mse
 from ..errors import UserError
-from .noise import GaussianNoise, add_secure_noise_, tensor_chunks
+from .cuda_graphs import check_cuda_graphs
+from .optimizer import DPOptimizer
+from .physical_batches import PhysicalBatchLoader
 from .randomness import generator_from_entropy, secret_seed, shared_secret_seed
 from .sampling import poisson_data_loader
 
@@ -52,125 +54,10 @@ MAX_NOISE_MULTIPLIER = 1e6  # Opacus' calibration gives up above it; the account
 # Opacus' PRV accountant: 0.2 s per epsilon at 0.5, 1.6 s at 0.3, 4.9 s at 0.2, minutes at 0.1 (q = 0.01, 1000 steps)
 MIN_PRV_NOISE_MULTIPLIER = 0.2
 PRV_CALIBRATION_FLOOR = 20 / 64  # the last point of Opacus' bisection (from 20) above MIN_PRV_NOISE_MULTIPLIER
-BUCKET_NUMEL = 25_000_000  # elements per all-reduce of the clipped sums
 
 
 class PrivacyWarning(UserWarning):
     """A run that is valid but whose guarantee is weaker than its user may think."""
-
-
-class _FlashStages:
-    """The DP step of Opacus' optimizer as named stages, for gradients that arrive clipped and summed.
-
-    pre_step: `check_cleared` (no sum is used twice), `accumulate` (move `.grad` into `summed_grad`), then, at the
-    end of a logical batch, `check_finite` (no non-finite per-example norm went into the sums),
-    `add_noise_and_scale` (grad = sum / B + N(0, (sigma C / B)^2), B the expected batch size, in place and in one
-    pass) and only then the accountant's step hook. A failure in the noise raises before the hook: a step whose
-    noise is not in every gradient is neither applied nor accounted.
-    """
-
-    clipping_engine: ClippingEngine | None = None  # set by make_private
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.gaussian_noise = GaussianNoise()
-        self._sums_used = False  # set by a noisy step; zero_grad() clears it
-
-    def pre_step(self, closure=None) -> bool:
-        """The stages before the wrapped optimizer's step; False while the logical batch is not complete."""
-        self.check_cleared()
-        self.accumulate()
-        if self._check_skip_next_step():
-            self._is_last_step_skipped = True
-            return False
-        self.check_finite()
-        self.add_noise_and_scale()
-        if self.step_hook:
-            self.step_hook(self)  # the accountant: only once the noise is in every gradient
-        self._is_last_step_skipped = False
-        return True
-
-    def check_cleared(self) -> None:
-        """Refuse a second noisy step on the same sums: its privacy would not be what is accounted."""
-        if self._sums_used:
-            raise ValueError(
-                "Gradients haven't been cleared since the last optimizer step (or a failed one): call "
-                "optimizer.zero_grad() after every optimizer.step(), or the privacy guarantee does not hold."
-            )
-
-    def check_finite(self) -> None:
-        """Refuse a step whose sums hold a non-finite per-example norm (one host sync per logical batch)."""
-        engine = self.clipping_engine
-        if engine is None or engine.nonfinite is None:
-            return
-        nonfinite, engine.nonfinite = bool(engine.nonfinite), None
-        if nonfinite:
-            raise FloatingPointError(
-                "A per-example gradient norm is NaN or infinite (a non-finite loss or activation): the step is "
-                "neither applied nor accounted. Likely causes: a learning rate too high, fp16 without loss scaling, "
-                "or NaN/inf in the data. Call optimizer.zero_grad() before the next step."
-            )
-
-    def accumulate(self) -> None:
-        """Move each clipped sum from `.grad` into `summed_grad` (a parameter without `.grad` contributes zero)."""
-        for p in self.params:
-            grad = p.grad if p.grad is not None else torch.zeros_like(p)
-            p.summed_grad = grad if p.summed_grad is None else p.summed_grad.add_(grad)
-            p.grad = None  # moved, not copied: a zero_grad between physical batches must not touch the sum
-
-    def add_noise_and_scale(self) -> None:
-        """grad = scale * sum + N(0, (sigma C scale)^2) in place, scale = 1 / B; noise on rank 0 only."""
-        scale = 1.0 / (self.expected_batch_size * self.accumulated_iterations) if self.loss_reduction == "mean" else 1
-        # distributed: the whole noise comes from rank 0, then the sums are reduced
-        std = self.noise_multiplier * self.max_grad_norm * scale if getattr(self, "rank", 0) == 0 else 0.0
-        self._sums_used = True  # before the noise: a step retried after a failure would reuse partly noised sums
-        sums = [p.summed_grad for p in self.params]
-        if self.secure_mode:
-            add_secure_noise_(sums, std, self.generator, scale=scale)
-        else:
-            self.gaussian_noise.add_(sums, std, self.generator, scale=scale)
-        for p in self.params:
-            p.grad = p.summed_grad  # only now: a failed noise pass leaves no gradient to apply
-
-    def add_noise(self):
-        raise NotImplementedError("This optimizer adds the noise and scales in one stage: add_noise_and_scale().")
-
-    def scale_grad(self):
-        raise NotImplementedError("This optimizer adds the noise and scales in one stage: add_noise_and_scale().")
-
-    def zero_grad(self, set_to_none: bool = False) -> None:
-        super().zero_grad(set_to_none)
-        self._sums_used = False
-
-
-class FlashDPOptimizer(_FlashStages, DPOptimizerFastGradientClipping):
-    """Opacus' noise-and-scale optimizer for gradients that arrive already clipped and summed."""
-
-
-class DistributedFlashDPOptimizer(_FlashStages, DistributedDPOptimizerFastGradientClipping):
-    """Same, across processes: noise on rank 0 only, clipped sums all-reduced in a few buckets."""
-
-    def reduce_gradients(self) -> None:
-        """Sum the noised gradients over the ranks (then divide by the world size for a mean loss)."""
-        grads = [p.grad for p in self.params if p.requires_grad]
-        all_reduce_in_buckets_(grads, divisor=self.world_size if self.loss_reduction == "mean" else 1)
-
-
-def all_reduce_in_buckets_(tensors: list[torch.Tensor], divisor: float = 1, bucket_numel: int = BUCKET_NUMEL) -> None:
-    """t <- (sum over ranks of t) / divisor for every t, with one all-reduce per bucket of `bucket_numel` elements.
-
-    Each bucket (tensors of one device and dtype, in order) is flattened into one buffer, reduced and copied back;
-    a bucket of one contiguous tensor is reduced in place. Same sums as one all-reduce per tensor.
-    """
-    for bucket in tensor_chunks(tensors, bucket_numel):
-        alone = len(bucket) == 1 and bucket[0].is_contiguous()
-        flat = bucket[0] if alone else torch.cat([t.reshape(-1) for t in bucket])  # (sum of numel,)
-        torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
-        if divisor != 1:
-            flat.div_(divisor)
-        if not alone:
-            parts = flat.split([t.numel() for t in bucket])
-            torch._foreach_copy_(bucket, [part.view(t.shape) for part, t in zip(parts, bucket, strict=True)])
 
 
 class PrivacyEngine:
@@ -195,8 +82,10 @@ class PrivacyEngine:
         *,
         module: nn.Module,
         optimizer: torch.optim.Optimizer,
-        data_loader: DataLoader,
         max_grad_norm: float,
+        data_loader: DataLoader | None = None,
+        sample_rate: float | None = None,
+        dataset_size: int | None = None,
         criterion=per_sample_mse,
         noise_multiplier: float | None = None,
         target_epsilon: float | None = None,
@@ -205,11 +94,13 @@ class PrivacyEngine:
         steps: int | None = None,
         grad_sample_mode: str = "flash_bk",
         poisson_sampling: bool = True,
+        max_physical_batch_size: int | None = None,
         noise_multiplicity: int = 1,
         distributed: bool = False,
         noise_generator: torch.Generator | None = None,
         sampling_seed: int | None = None,
-    ) -> tuple[nn.Module, DPOptimizer, DPCriterion, DataLoader]:
+        cuda_graphs: bool = False,
+    ) -> tuple[nn.Module, torch.optim.Optimizer, DPCriterion, DataLoader | PhysicalBatchLoader | None]:
         """Returns (module, optimizer, criterion, data_loader) ready for DP-SGD.
 
         `criterion(output, target)` must give per-example losses (B,); the returned wrapper's `backward()` clips
@@ -218,6 +109,18 @@ class PrivacyEngine:
         the criterion call. `distributed=True` (one process per rank, no DDP wrapper) makes each rank sample its
         share of the Poisson batch and adds the noise once in total; its batches follow `sampling_seed`, the same
         on every rank, so that a resumed run can rebuild them (`data_loader.batch_sampler.set_step`).
+
+        Sampling: the sample rate q is `sample_rate`, or 1 / len(data_loader) (Opacus' rate); N is `dataset_size`
+        or len(data_loader.dataset); the noisy sum is divided by the expected batch size q N. A caller that samples
+        its own batches passes sample_rate and dataset_size and no loader (None is returned for it).
+        `max_physical_batch_size=P` makes the returned loader yield every logical batch as physical batches
+        `(batch, mask)` of exactly P rows, padding rows zero and False in the mask; pass the mask to the criterion
+        (`criterion(output, target, mask=mask)`) and step the optimizer after each: it steps only after a logical
+        batch's last (Opacus' BatchMemoryManager, with fixed shapes).
+
+        `cuda_graphs=True` captures the noisy optimizer step in a CUDA graph after a few eager ones; wrap the
+        physical step (forward and criterion) in `dp_utils.CudaGraphedStep` to capture it too
+        (`dp_utils.privacy.cuda_graphs`).
 
         The noise comes from `noise_generator` and the batches from `sampling_seed`; None (the default) draws them
         from the operating system's entropy (rank 0's, sent to all), so that nobody can replay them. Keep what you
@@ -239,101 +142,113 @@ class PrivacyEngine:
             noise_multiplicity=noise_multiplicity,
             distributed=distributed,
         )
-        noise_multiplicity = int(noise_multiplicity)
-        epochs, steps = (None if n is None else int(n) for n in (epochs, steps))
-        steps_per_epoch = len(data_loader)
-        self.dataset_size = len(data_loader.dataset)
-        if steps_per_epoch == 0 or self.dataset_size == 0:
-            raise UserError("The data loader is empty: DP-SGD needs a dataset with at least one row.")
-        sample_rate = 1 / steps_per_epoch  # Opacus' rate: one logical batch per len(data_loader)
-        expected_batch_size = self.dataset_size // steps_per_epoch  # int(N q) without N * (1 / L) rounding below
+        _check_physical_batch_size(max_physical_batch_size, data_loader)
+        sample_rate, self.dataset_size = _sampling_of(data_loader, sample_rate, dataset_size)
         _warn_weak_sampling(sample_rate, self.dataset_size)
         if target_delta is not None:
             self._warn_large_delta(target_delta)
         if target_epsilon is not None:
-            noise_multiplier = self._calibrate(target_epsilon, target_delta, sample_rate, epochs, steps)
+            steps = steps if steps is not None else int(epochs / sample_rate)
+            noise_multiplier = self._calibrate(target_epsilon, target_delta, sample_rate, steps)
         elif 0 < noise_multiplier < MIN_PRV_NOISE_MULTIPLIER and self.accountant.mechanism() == "prv":
             raise UserError(
                 f"noise_multiplier = {noise_multiplier} is below {MIN_PRV_NOISE_MULTIPLIER}, where the PRV accountant "
                 "takes minutes per epsilon (and the guarantee means little): use accountant 'rdp' (--accountant rdp) "
                 "or more noise."
             )
+        if cuda_graphs:
+            check_cuda_graphs(module, grad_sample_mode, noise_generator)
         if noise_generator is None:
             device = next((p.device for p in module.parameters()), torch.device("cpu"))
             noise_generator = generator_from_entropy(secret_seed(), device)
-        if poisson_sampling and distributed:
-            seed = shared_secret_seed() if sampling_seed is None else sampling_seed
-            data_loader = poisson_data_loader(data_loader, seed=seed, distributed=True)
-        elif poisson_sampling:
-            entropy = secret_seed() if sampling_seed is None else sampling_seed
-            data_loader = DPDataLoader.from_data_loader(data_loader, generator=generator_from_entropy(entropy))
-        if distributed:
-            expected_batch_size /= torch.distributed.get_world_size()  # per rank, as Opacus does
+        expected_batch_size = sample_rate * self.dataset_size
+        world_size = torch.distributed.get_world_size() if distributed else 1
+        module, optimizer = self._wrap(
+            module,
+            optimizer,
+            grad_sample_mode,
+            dict(
+                noise_multiplier=float(noise_multiplier),
+                max_grad_norm=float(max_grad_norm),
+                expected_batch_size=expected_batch_size / world_size,  # per rank, as Opacus counts it
+                generator=noise_generator,
+                secure_mode=self.secure_mode,
+            ),
+            distributed,
+        )
+        if isinstance(optimizer, DPOptimizer):
+            optimizer.attach_step_hook(
+                lambda dp: self.accountant.step(noise_multiplier=dp.noise_multiplier, sample_rate=sample_rate)
+            )
+        else:
+            optimizer.attach_step_hook(self.accountant.get_optimizer_hook_fn(sample_rate=sample_rate))
+        optimizer.privacy_engine = self
+        optimizer.sample_rate = sample_rate
+        if cuda_graphs:
+            optimizer.use_cuda_graphs()
+        if data_loader is not None and poisson_sampling:
+            data_loader = _poisson_loader(data_loader, sample_rate, distributed, sampling_seed)
+        if max_physical_batch_size is not None:
+            data_loader = PhysicalBatchLoader(data_loader, int(max_physical_batch_size), optimizer)
+        backward = self._backward_for(grad_sample_mode, module, optimizer, int(noise_multiplicity))
+        mark_output = self.clipping_engine.mark_output if grad_sample_mode in MODES else None
+        return module, optimizer, DPCriterion(criterion, backward, mark_output), data_loader
 
+    def _wrap(
+        self, module: nn.Module, optimizer: torch.optim.Optimizer, grad_sample_mode: str, dp: dict, distributed: bool
+    ) -> tuple[nn.Module, torch.optim.Optimizer]:
+        """The module and optimizer of each mode: our engine and DP optimizer, or Opacus' for its reference modes."""
         if grad_sample_mode in MODES:
-            self.clipping_engine = ClippingEngine(module, max_grad_norm, grad_sample_mode)
-            optimizer_class = DistributedFlashDPOptimizer if distributed else FlashDPOptimizer
-        elif grad_sample_mode == "opacus_ghost":
-            module = GradSampleModuleFastGradientClipping(module, max_grad_norm=max_grad_norm, loss_reduction="mean")
+            self.clipping_engine = ClippingEngine(module, dp["max_grad_norm"], grad_sample_mode)
+            rank_and_size = (
+                dict(rank=torch.distributed.get_rank(), world_size=torch.distributed.get_world_size())
+                if distributed
+                else {}
+            )
+            optimizer = DPOptimizer(optimizer, clipping_engine=self.clipping_engine, **dp, **rank_and_size)
+            return module, optimizer
+        if grad_sample_mode == "opacus_ghost":
+            module = GradSampleModuleFastGradientClipping(
+                module, max_grad_norm=dp["max_grad_norm"], loss_reduction="mean"
+            )
             optimizer_class = (
                 DistributedDPOptimizerFastGradientClipping if distributed else DPOptimizerFastGradientClipping
             )
         else:
             module = GradSampleModule(module, loss_reduction="mean")
-            optimizer_class = DistributedDPOptimizer if distributed else DPOptimizer
-        optimizer = optimizer_class(
-            optimizer,
-            noise_multiplier=noise_multiplier,
-            max_grad_norm=max_grad_norm,
-            expected_batch_size=expected_batch_size,
-            loss_reduction="mean",
-            generator=noise_generator,
-            secure_mode=self.secure_mode,
-        )
-        optimizer.attach_step_hook(self.accountant.get_optimizer_hook_fn(sample_rate=sample_rate))
-        optimizer.privacy_engine = self
-        if grad_sample_mode in MODES:
-            optimizer.clipping_engine = self.clipping_engine
-        return (
-            module,
-            optimizer,
-            DPCriterion(criterion, self._backward_for(grad_sample_mode, module, optimizer, noise_multiplicity)),
-            data_loader,
-        )
+            optimizer_class = DistributedDPOptimizer if distributed else OpacusDPOptimizer
+        return module, optimizer_class(optimizer, loss_reduction="mean", **dp)
 
     def _backward_for(self, grad_sample_mode: str, module: nn.Module, optimizer: DPOptimizer, multiplicity: int):
         """The backward of per-row losses (B,) in each mode."""
         if grad_sample_mode in MODES:
             engine = self.clipping_engine
 
-            def backward(losses, group_ids):
-                engine.backward(losses, RowGroups(group_ids, len(losses), multiplicity))
+            def backward(losses, group_ids, mask):
+                engine.backward(losses, RowGroups(group_ids, len(losses), multiplicity), mask)
 
         elif grad_sample_mode == "opacus_ghost":
 
-            def backward(losses, group_ids):
+            def backward(losses, group_ids, mask):
                 _opacus_rows_only(group_ids)
                 with _quiet_backward_hooks():
                     DPTensorFastGradientClipping(module, optimizer, losses, loss_reduction="mean").backward()
 
         else:
 
-            def backward(losses, group_ids):
+            def backward(losses, group_ids, mask):
                 _opacus_rows_only(group_ids)
                 with _quiet_backward_hooks():
                     losses.mean().backward()
 
         return backward
 
-    def _calibrate(
-        self, target_epsilon: float, target_delta: float, sample_rate: float, epochs: int | None, steps: int | None
-    ) -> float:
+    def _calibrate(self, target_epsilon: float, target_delta: float, sample_rate: float, steps: int) -> float:
         """Opacus' noise calibration; a budget it cannot reach is the user's to change, so a UserError says how.
 
         Opacus bisects from 0 on the points 20 / 2^k; its PRV accountant takes minutes per epsilon below a noise
         multiplier of about 0.2, so a budget whose bisection would go below 20 / 64 is refused first.
         """
-        steps = steps if steps is not None else int(epochs / sample_rate)
         mechanism = self.accountant.mechanism()
         calibration = dict(target_delta=target_delta, sample_rate=sample_rate, steps=steps)
         try:
@@ -454,6 +369,60 @@ def _check_arguments(
         )
 
 
+def _sampling_of(data_loader: DataLoader | None, sample_rate, dataset_size) -> tuple[float, int]:
+    """(q, N) from the arguments, or from the loader as Opacus derives them (q = 1 / len(loader))."""
+    if data_loader is None:
+        if sample_rate is None or dataset_size is None:
+            raise UserError("Pass a data_loader, or both sample_rate and dataset_size (for batches you sample).")
+    elif dataset_size is not None and dataset_size != len(data_loader.dataset):
+        raise UserError(
+            f"dataset_size = {dataset_size} differs from the loader's dataset ({len(data_loader.dataset)} rows): "
+            "give one of them."
+        )
+    if dataset_size is None:
+        dataset_size = len(data_loader.dataset)
+        if dataset_size == 0 or len(data_loader) == 0:
+            raise UserError("The data loader is empty: DP-SGD needs a dataset with at least one row.")
+    if not _is_count(dataset_size):
+        raise UserError(f"dataset_size must be an integer >= 1 (rows in the private dataset), got {dataset_size!r}.")
+    if sample_rate is None:
+        sample_rate = 1 / len(data_loader)
+    rate = _as_float(sample_rate)
+    if rate is None or not 0 < rate <= 1:
+        raise UserError(f"sample_rate must be a number in (0, 1] (the Poisson sampling rate q), got {sample_rate!r}.")
+    return rate, int(dataset_size)
+
+
+def _check_physical_batch_size(size, data_loader: DataLoader | None) -> None:
+    if size is None:
+        return
+    if not _is_count(size):
+        raise UserError(f"max_physical_batch_size must be an integer >= 1 (rows per physical batch), got {size!r}.")
+    if data_loader is None:
+        raise UserError("max_physical_batch_size splits the data_loader's batches: pass a data_loader.")
+
+
+def _poisson_loader(data_loader: DataLoader, sample_rate: float, distributed: bool, sampling_seed) -> DataLoader:
+    """Poisson sampling at rate q: Opacus' DPDataLoader in one process, our lock-step sampler across processes."""
+    if distributed:
+        seed = shared_secret_seed() if sampling_seed is None else sampling_seed
+        return poisson_data_loader(data_loader, seed=seed, distributed=True, sample_rate=sample_rate)
+    entropy = secret_seed() if sampling_seed is None else sampling_seed
+    return DPDataLoader(
+        data_loader.dataset,
+        sample_rate=sample_rate,
+        collate_fn=data_loader.collate_fn,
+        num_workers=data_loader.num_workers,
+        pin_memory=data_loader.pin_memory,
+        timeout=data_loader.timeout,
+        worker_init_fn=data_loader.worker_init_fn,
+        multiprocessing_context=data_loader.multiprocessing_context,
+        prefetch_factor=data_loader.prefetch_factor,
+        persistent_workers=data_loader.persistent_workers,
+        generator=generator_from_entropy(entropy),
+    )
+
+
 def _warn_weak_sampling(sample_rate: float, dataset_size: int) -> None:
     """q = 1: every logical batch is the whole dataset, so the accounting has no amplification by subsampling."""
     if sample_rate >= 1:
@@ -487,10 +456,12 @@ def _quiet_backward_hooks() -> Iterator[None]:
 
 
 def _opacus_rows_only(group_ids):
+    """Opacus clips each row alone. (A mask works: the criterion zeroes a padding row's loss, so its per-sample
+    gradient is zero as long as its values are finite, which the zero rows of physical batches are.)"""
     if group_ids is not None:
         raise UserError("group_ids need our engine (grad_sample_mode flash_bk or flash); Opacus clips each row alone.")
 
 
-def make_private(*, accountant: str = "prv", **kwargs) -> tuple[nn.Module, DPOptimizer, DPCriterion, DataLoader]:
+def make_private(*, accountant: str = "prv", **kwargs) -> tuple:
     """`PrivacyEngine(accountant).make_private(**kwargs)`; the engine is `optimizer.privacy_engine`."""
     return PrivacyEngine(accountant=accountant).make_private(**kwargs)

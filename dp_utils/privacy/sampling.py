@@ -117,9 +117,14 @@ class EmptyBatchCollate:
 
 
 def poisson_data_loader(
-    data_loader: DataLoader, seed: int, steps: int | None = None, distributed: bool = False
+    data_loader: DataLoader,
+    seed: int,
+    steps: int | None = None,
+    distributed: bool = False,
+    sample_rate: float | None = None,
 ) -> DataLoader:
-    """`data_loader`'s dataset and loading options with Poisson batches at Opacus' rate q = 1 / len(data_loader).
+    """`data_loader`'s dataset and loading options with Poisson batches at rate q = `sample_rate`, by default
+    Opacus' rate 1 / len(data_loader).
 
     `steps` per epoch defaults to len(data_loader). With `distributed=True` this rank draws its share of each
     batch (rank and world size from torch.distributed); every rank must pass the same `seed`.
@@ -130,7 +135,7 @@ def poisson_data_loader(
     rank, world_size = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if distributed else (0, 1)
     batch_sampler = PoissonBatchSampler(
         num_samples=len(dataset),
-        sample_rate=1 / len(data_loader),
+        sample_rate=1 / len(data_loader) if sample_rate is None else sample_rate,
         steps=len(data_loader) if steps is None else steps,
         seed=seed,
         rank=rank,

@@ -11,6 +11,7 @@ from diffusers.optimization import SchedulerType
 
 from ..privacy.privacy_engine import GRAD_SAMPLE_MODES
 from .adapters import LORA_TARGET_MODULES, TRAINABLE
+from .attention import ATTENTION_BACKENDS
 from .augmentation import AUGMENTATIONS
 from .model import PRESETS
 from .optimizers import OPTIMIZERS
@@ -253,6 +254,19 @@ def build_parser(description: str) -> argparse.ArgumentParser:
         help="Whether or not to use gradient checkpointing to save memory at the expense of slower backward pass. "
         "The clipping engine then recomputes instead of storing (two backward passes): peak memory as non-private "
         "training with checkpointing.",
+    )
+    train.add_argument(
+        "--cuda_graphs",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="Replay each physical batch's forward and clipped backward, and the noisy optimizer step, as CUDA "
+        "graphs (no host work in the step). Default: on with CUDA and flash_bk/flash, off otherwise.",
+    )
+    train.add_argument(
+        "--attention_backend",
+        choices=ATTENTION_BACKENDS,
+        help="Attention kernel through diffusers' dispatcher (flash: the flash-attn package). Default: the model's "
+        "own, PyTorch's scaled_dot_product_attention, which picks its kernel itself.",
     )
     train.add_argument(
         "--allow_tf32",

@@ -75,8 +75,8 @@ def dp_noise_std(args, plan) -> float:
     sigma = args.noise_multiplier
     if sigma is None:
         engine = PrivacyEngine(accountant=args.accountant)
-        sigma = engine._calibrate(args.target_epsilon, plan.delta, plan.sample_rate, None, plan.max_train_steps)
-    return sigma * args.max_grad_norm / (plan.num_images // plan.steps_per_epoch)
+        sigma = engine._calibrate(args.target_epsilon, plan.delta, plan.sample_rate, plan.max_train_steps)
+    return sigma * args.max_grad_norm / plan.expected_batch_size
 
 
 def check_noise_std(noise_std: float, dp_optimizer, world_size: int) -> None:

@@ -53,7 +53,17 @@ def clipped_contributions(tmp_path, mode: str, max_grad_norm: float, device: str
             summed[layer, name] = summed[layer, name] + grad if (layer, name) in summed else grad
         accumulate(layer, pairs)
 
+    accumulate_stacked = engine._accumulate_stacked
+
+    def spy_stacked(layers, inputs, grads):  # L layers of one shape, their pairs stacked along the rows
+        for layer, a, g in zip(layers, inputs.chunk(len(layers)), grads.chunk(len(layers)), strict=True):
+            assert g.dtype == torch.bfloat16
+            for name, grad in per_example_grads(layer, [(a, g)]).items():
+                summed[layer, name] = summed[layer, name] + grad if (layer, name) in summed else grad
+        accumulate_stacked(layers, inputs, grads)
+
     engine._accumulate = spy
+    engine._accumulate_stacked = spy_stacked
     with layer_norms_in_fp32(model), torch.autocast(device, dtype=torch.bfloat16):
         losses = dit_losses(model, *(b.to(device) for b in dit_batch(ROWS, size=16)), criterion=criterion)
     losses.backward()

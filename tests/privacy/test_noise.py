@@ -1,4 +1,4 @@
-"""GaussianNoise: N(0, std^2) added in place, spread over threads, reproducible, failing loudly; the foreach pass."""
+"""NoiseAhead: N(0, std^2) added in place, drawn ahead on a thread, reproducible, failing loudly; the foreach pass."""
 
 import threading
 
@@ -6,125 +6,80 @@ import pytest
 import torch
 from opacus.optimizers.optimizer import _generate_noise
 
-from dp_utils.privacy.noise import GaussianNoise, NoiseError, add_noise_foreach_, add_secure_noise_, tensor_chunks
+from dp_utils.privacy import noise as noise_module
+from dp_utils.privacy.noise import NoiseAhead, NoiseError, add_noise_foreach_, add_secure_noise_, tensor_chunks
 
 
 def tensors():
-    return [torch.zeros(300, 200), torch.zeros(5000), torch.zeros(7), torch.zeros(300, 200), torch.zeros(40, 3, 3)]
+    return [torch.zeros(300, 200), torch.zeros(5000), torch.zeros(7), torch.zeros(70_000)]
 
 
-@pytest.mark.parametrize("threads", [1, 2, 3])
-def test_noise_has_the_asked_std_and_no_mean(threads):
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+def test_noise_has_the_asked_std_and_no_mean_in_every_step():
+    noise, generator = NoiseAhead(), torch.Generator().manual_seed(0)
+    steps = []
+    for _ in range(3):  # the first step draws at once, the next ones were drawn on the thread meanwhile
         grads = tensors()
-        GaussianNoise().add_(grads, 0.3, torch.Generator().manual_seed(0))
-    finally:
-        torch.set_num_threads(previous)
-    values = torch.cat([g.flatten() for g in grads])
-    n = values.numel()
-    assert abs(values.std().item() - 0.3) < 4 * 0.3 / (2 * n) ** 0.5
-    assert abs(values.mean().item()) < 4 * 0.3 / n**0.5
-    assert all(g.std() > 0.2 for g in grads if g.numel() > 100)  # every tensor got noise
-    assert not torch.equal(grads[0], grads[3])  # same-shape tensors get independent draws
+        noise.add_(grads, 0.3, generator)
+        steps.append(torch.cat([g.flatten() for g in grads]))
+        n = steps[-1].numel()
+        assert abs(steps[-1].std().item() - 0.3) < 4 * 0.3 / (2 * n) ** 0.5
+        assert abs(steps[-1].mean().item()) < 4 * 0.3 / n**0.5
+        assert all(g.std() > 0.2 for g in grads if g.numel() > 100)  # every tensor got noise
+    assert not torch.equal(steps[0], steps[1]) and not torch.equal(steps[1], steps[2])  # fresh noise every step
+    block = noise_module.DRAW_BLOCK_NUMEL
+    assert not torch.equal(steps[0][:block], steps[0][block : 2 * block])  # blocks of one draw are not repeated
 
 
-def test_noise_is_added_to_what_is_there():
-    grads = [torch.full((1000,), 5.0)]
-    GaussianNoise().add_(grads, 0.01, torch.Generator().manual_seed(0))
-    assert abs(grads[0].mean().item() - 5.0) < 0.01
-
-
-def test_scale_applies_to_the_gradient_not_to_the_noise():
+def test_noise_is_added_to_what_is_there_and_scale_applies_to_the_gradient_only():
     grads = [torch.full((20000,), 5.0), torch.full((300,), -2.0)]
-    GaussianNoise().add_(grads, 0.1, torch.Generator().manual_seed(0), scale=0.25)
+    NoiseAhead().add_(grads, 0.1, torch.Generator().manual_seed(0), scale=0.25)
     assert abs(grads[0].mean().item() - 1.25) < 4 * 0.1 / 20000**0.5
     assert abs(grads[0].std().item() - 0.1) < 4 * 0.1 / (2 * 20000) ** 0.5
     assert abs(grads[1].mean().item() + 0.5) < 4 * 0.1 / 300**0.5
 
 
-def test_same_generator_state_same_noise_and_the_generator_advances():
-    first, second, third = tensors(), tensors(), tensors()
-    noise = GaussianNoise()
-    noise.add_(first, 1.0, torch.Generator().manual_seed(3))
-    noise.add_(second, 1.0, torch.Generator().manual_seed(3))
-    generator = torch.Generator().manual_seed(3)
-    noise.add_(third, 1.0, generator)
-    noise.add_(third, 1.0, generator)
-    assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
-    assert not all(torch.equal(a, 2 * b) for a, b in zip(first, third, strict=True))
+def test_same_generator_state_same_noise_and_the_draws_never_touch_it_off_the_callers_thread():
+    runs = []
+    for _ in range(2):
+        noise, generator = NoiseAhead(), torch.Generator().manual_seed(3)
+        first, second = tensors(), tensors()
+        noise.add_(first, 1.0, generator)
+        state = generator.get_state()  # read while the next draw runs on the thread: it uses its own generator
+        noise.add_(second, 1.0, generator)
+        runs.append((first, second, state))
+    (a1, a2, state_a), (b1, b2, state_b) = runs
+    assert all(torch.equal(x, y) for x, y in zip(a1 + a2, b1 + b2, strict=True))
+    assert torch.equal(state_a, state_b)
+    assert not torch.equal(a1[0], a2[0])
 
 
-def test_global_rng_drives_noise_without_a_generator():
-    torch.manual_seed(11)
-    first = tensors()
-    GaussianNoise().add_(first, 1.0)
-    torch.manual_seed(11)
-    second = tensors()
-    GaussianNoise().add_(second, 1.0)
-    assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
-
-
-def test_zero_std_adds_nothing_and_still_scales():
-    grads = tensors()
-    GaussianNoise().add_(grads, 0.0)
-    assert all(not g.any() for g in grads)
-    grads = [torch.arange(10.0)]
-    GaussianNoise().add_(grads, 0.0, scale=0.5)
-    assert torch.equal(grads[0], torch.arange(10.0) / 2)
-
-
-def _with_threads(threads, fn):
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        return fn()
-    finally:
-        torch.set_num_threads(previous)
-
-
-def test_a_failing_thread_raises_after_every_thread_stopped(monkeypatch):
-    original = GaussianNoise._add_share
-    finished = []
-
-    def add_share(self, share, std, scale, generator, index):
-        if index == 1:
-            raise RuntimeError("injected failure")
-        original(self, share, std, scale, generator, index)
-        finished.append(index)
-
-    monkeypatch.setattr(GaussianNoise, "_add_share", add_share)
-    grads = tensors()
-    with pytest.raises(NoiseError, match=r"failed in 1 of 2 threads.*injected failure.*must not be taken") as caught:
-        _with_threads(2, lambda: GaussianNoise().add_(grads, 1.0, torch.Generator().manual_seed(0)))
-    assert isinstance(caught.value.__cause__, RuntimeError)
-    assert finished == [0]  # the other thread ran to its end before the error reached the caller
-
-
-def test_a_failing_draw_in_a_thread_raises(monkeypatch):
-    """torch's own normal_ failing inside a worker thread (not the caller's) reaches the caller."""
+def test_a_draw_failing_on_the_thread_raises_at_the_next_step_before_any_change(monkeypatch):
+    noise, generator = NoiseAhead(), torch.Generator().manual_seed(0)
+    noise.add_(tensors(), 1.0, generator)
+    noise._wait()  # the next step's draw ended; fail the one after it
     original = torch.Tensor.normal_
     main = threading.get_ident()
-    calls = []
 
     def normal_(self, *args, **kwargs):
         if threading.get_ident() != main:
-            calls.append(1)
-            if len(calls) == 2:
-                raise RuntimeError("normal_ failed")
+            raise RuntimeError("normal_ failed")
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(torch.Tensor, "normal_", normal_)
-    with pytest.raises(NoiseError, match="normal_ failed"):
-        _with_threads(2, lambda: GaussianNoise().add_(tensors(), 1.0, torch.Generator().manual_seed(0)))
-    assert len(calls) >= 2
+    grads = tensors()
+    noise.add_(grads, 1.0, generator)  # uses the draw made before; starts the failing one
+    noise._thread.join()
+    monkeypatch.undo()
+    again = [torch.ones(300, 200), torch.ones(5000), torch.ones(7), torch.ones(70_000)]
+    with pytest.raises(NoiseError, match="normal_ failed.*must not be taken"):
+        noise.add_(again, 1.0, generator)
+    assert all(torch.equal(g, torch.ones_like(g)) for g in again)
 
 
 @pytest.mark.parametrize("std", [float("nan"), float("inf"), -1.0])
 def test_an_invalid_std_is_refused_before_any_change(std):
     grads = [torch.ones(10)]
-    for add in (GaussianNoise().add_, add_noise_foreach_, add_secure_noise_):
+    for add in (NoiseAhead().add_, add_noise_foreach_, add_secure_noise_):
         with pytest.raises(NoiseError, match="std must be finite and >= 0"):
             add(grads, std, None, 0.5)
     assert torch.equal(grads[0], torch.ones(10))
@@ -171,32 +126,16 @@ def test_secure_noise_is_opacus_secure_noise():
         torch.testing.assert_close(g, expected, rtol=0, atol=1e-12)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_noise_is_the_foreach_pass_with_the_asked_std_and_scale():
-    def cuda_tensors():
-        return [torch.full((3000, 1000), 4.0, device="cuda"), torch.full((77,), 4.0, device="cuda")]
-
-    grads, reference = cuda_tensors(), cuda_tensors()
-    GaussianNoise().add_(grads, 0.2, torch.Generator("cuda").manual_seed(5), scale=0.5)
-    add_noise_foreach_(reference, 0.2, torch.Generator("cuda").manual_seed(5), scale=0.5)
-    assert all(torch.equal(g, r) for g, r in zip(grads, reference, strict=True))
-    values = grads[0].double()
-    n = values.numel()
-    assert abs(values.mean().item() - 2.0) < 4 * 0.2 / n**0.5
-    assert abs(values.std().item() - 0.2) < 4 * 0.2 / (2 * n) ** 0.5
-    again = cuda_tensors()
-    GaussianNoise().add_(again, 0.2, torch.Generator("cuda").manual_seed(5), scale=0.5)
-    assert all(torch.equal(g, a) for g, a in zip(grads, again, strict=True))
-
-
-def test_small_gradients_are_noised_on_the_callers_thread_from_its_generator(monkeypatch):
-    started = []
-    monkeypatch.setattr(threading.Thread, "start", lambda self: started.append(self))
-    grads = [torch.zeros(100), torch.zeros(7)]
-    GaussianNoise().add_(grads, 0.5, torch.Generator().manual_seed(4))
-    generator = torch.Generator().manual_seed(4)
-    expected = [
-        torch.empty(100).normal_(0, 0.5, generator=generator),
-        torch.empty(7).normal_(0, 0.5, generator=generator),
-    ]
-    assert started == [] and all(torch.equal(g, e) for g, e in zip(grads, expected, strict=True))
+def test_discarding_the_draw_in_flight_rewinds_the_generator_to_before_it():
+    """A checkpoint taken after discard() resumes with exactly the noise an uninterrupted run adds next."""
+    generator = torch.Generator().manual_seed(5)
+    uninterrupted = NoiseAhead()
+    uninterrupted.add_(tensors(), 1.0, generator)
+    interrupted, checkpoint = NoiseAhead(), torch.Generator().manual_seed(5)
+    interrupted.add_(tensors(), 1.0, checkpoint)  # the same first step, on a generator we checkpoint
+    interrupted.discard(checkpoint)
+    second = tensors()
+    uninterrupted.add_(second, 1.0, generator)
+    resumed = tensors()
+    NoiseAhead().add_(resumed, 1.0, checkpoint)  # a new process, from the saved state
+    assert all(torch.equal(a, b) for a, b in zip(second, resumed, strict=True))

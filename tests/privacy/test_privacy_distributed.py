@@ -7,7 +7,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import dp_utils
 from dp_utils.privacy.noise import tensor_chunks
-from dp_utils.privacy.privacy_engine import all_reduce_in_buckets_
+from dp_utils.privacy.optimizer import all_reduce_in_buckets_
 
 BUCKET = 60  # elements: small enough that the tensors below fill several buckets, one of them a tensor alone
 

@@ -13,7 +13,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import dp_utils
 from dp_utils.errors import UserError
-from dp_utils.privacy.noise import GaussianNoise, NoiseError
+from dp_utils.privacy import noise as noise_module
+from dp_utils.privacy.noise import NoiseError
 from dp_utils.privacy.privacy_engine import PrivacyWarning
 
 # Most tests here use the whole dataset as the logical batch on purpose (every row in every step); the warning it
@@ -260,38 +261,33 @@ def test_get_epsilon_refuses_a_delta_outside_0_1():
 
 
 def _take_failing_step(monkeypatch, mode="flash_bk", **kwargs):
-    """One step whose noise fails (a model this small has one share, on the caller's thread; test_noise.py fails
-    a second thread); the model, its parameters and the optimizer."""
+    """One step whose noise draw fails; the model, its parameters, the clipped sums and the optimizer."""
     model, (module, optimizer, criterion, loader) = setup(
         rows=16, batch_size=4, noise_multiplier=1.0, poisson_sampling=False, mode=mode, **kwargs
     )
-    original = GaussianNoise._add_share
 
-    def add_share(self, share, std, scale, generator, index):
-        original(self, share[:1], std, scale, generator, index)  # the first tensor gets its noise, the others not
+    def draw_into(draws, entropy, std):
+        draws[0].view(-1)[:3].normal_()  # part of the draw is made, then it fails
         raise RuntimeError("injected noise failure")
 
-    monkeypatch.setattr(GaussianNoise, "_add_share", add_share)
+    monkeypatch.setattr(noise_module, "_draw_into", draw_into)
     x, y = next(iter(loader))
     criterion(module(x), y).backward()
     before = [p.detach().clone() for p in model.parameters()]
-    previous = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        with pytest.raises(NoiseError, match="injected noise failure"):
-            optimizer.step()
-    finally:
-        torch.set_num_threads(previous)
-        monkeypatch.setattr(GaussianNoise, "_add_share", original)
-    return model, module, optimizer, criterion, loader, before
+    sums = [p.grad.clone() for p in model.parameters()]
+    with pytest.raises(NoiseError, match="injected noise failure"):
+        optimizer.step()
+    monkeypatch.undo()
+    return model, module, optimizer, criterion, loader, before, sums
 
 
 def test_a_noise_failure_raises_in_step_before_accounting_and_changes_no_weight(monkeypatch):
-    model, module, optimizer, criterion, loader, before = _take_failing_step(monkeypatch)
+    model, module, optimizer, criterion, loader, before, sums = _take_failing_step(monkeypatch)
     assert optimizer.privacy_engine.accountant.history == []
     assert all(torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True))
-    assert all(p.grad is None for p in model.parameters())  # no partly noised gradient left to apply
-    with pytest.raises(ValueError, match="haven't been cleared"):  # a retry would reuse the partly noised sums
+    # the noise is applied only once drawn in full: no gradient holds part of it
+    assert all(torch.equal(s, p.grad) for s, p in zip(sums, model.parameters(), strict=True))
+    with pytest.raises(ValueError, match="haven't been cleared"):  # a retry would reuse sums meant for one step
         optimizer.step()
     assert optimizer.privacy_engine.accountant.history == []
     optimizer.zero_grad()

@@ -19,7 +19,7 @@ def test_report_and_card_name_the_levers(tmp_path, pixel_pipeline, digits_cache)
     )
     report = json.loads((out / "privacy_report.json").read_text())
     recipe = report["recipe"]
-    sigma_c_over_b = report["noise_multiplier"] * report["max_grad_norm"] / int(report["expected_batch_size"])
+    sigma_c_over_b = report["noise_multiplier"] * report["max_grad_norm"] / report["expected_batch_size"]
     assert recipe["optimizer"] == "dp_adambc"
     assert recipe["dp_adambc_noise_variance"] == pytest.approx(sigma_c_over_b**2, rel=1e-12)
     assert recipe["timestep_range"] == [200, 999] and recipe["augmentation"] == "shift"

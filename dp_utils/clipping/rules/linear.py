@@ -142,6 +142,18 @@ def weight_and_bias_sums(module: nn.Module, a: torch.Tensor, g: torch.Tensor) ->
     return grads
 
 
+def linear_stacked_sums(module: nn.Linear, a: torch.Tensor, g: torch.Tensor, copies: int) -> dict[str, torch.Tensor]:
+    """Summed gradients of `copies` layers shaped like `module`, whose calls are stacked along the rows: a (L*B, ...,
+    d), g (L*B, ..., p) -> weight (L, p, d) and bias (L, p), each layer's own sum over its rows, in at least fp32."""
+    grads = {}
+    g = g.reshape(copies, -1, g.shape[-1])
+    if module.weight.requires_grad:
+        grads["weight"] = matmul(g.mT, a.reshape(copies, -1, a.shape[-1]))[0]
+    if module.bias is not None and module.bias.requires_grad:
+        grads["bias"] = g.sum(1, dtype=accumulation_dtype(g.dtype))
+    return grads
+
+
 def tokens_of(calls: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Inputs and output gradients of all calls as (B, T_total, d) and (B, T_total, p)."""
     a = cat_tokens([_as_tokens(x) for x, _ in calls])

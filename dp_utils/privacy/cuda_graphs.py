@@ -1,0 +1,126 @@
+"""CUDA graphs for the DP step: one graph for a physical batch's forward and clipped backward, one for the noisy
+optimizer step; Python runs between replays only (accounting, logging, EMA, validation).
+
+`make_private(..., cuda_graphs=True)` prepares the optimizer: the wrapped Adam/AdamW becomes capturable, and after
+WARMUP_STEPS eager noisy steps the next one is captured (noise from the secret generator, registered with the graph
+so that every replay draws fresh noise, then scale, all-reduce and the wrapped step) and replayed from then on. The
+finite check reads its flag before each replay and the accountant's hook runs after it, in Python.
+
+`CudaGraphedStep(physical_step, optimizer)` does the same for `physical_step(*tensors) -> DPLoss` (forward and
+criterion; its backward is captured with it): WARMUP_STEPS eager calls on a side stream, then one capture, then
+replays into the same static tensors. It needs inputs of one shape, which masked physical batches of exactly
+`max_physical_batch_size` rows give; random draws inside it must come from torch's default CUDA generator, which
+graphs advance per replay. Autocast inside it must not cache casts (`torch.autocast(..., cache_enabled=False)`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from ..clipping.losses import DPLoss
+from ..errors import UserError
+
+WARMUP_STEPS = 3  # eager steps before a capture (PyTorch's guidance: a few, on a side stream)
+
+
+def check_cuda_graphs(module: torch.nn.Module, grad_sample_mode: str, generator: torch.Generator | None) -> None:
+    """Refuse, naming the reason, what cannot be captured here."""
+    if not torch.cuda.is_available():
+        raise UserError("cuda_graphs needs a CUDA device; on CPU run without it (--no_cuda_graphs).")
+    if not hasattr(torch.cuda.CUDAGraph, "register_generator_state"):
+        raise UserError(
+            f"cuda_graphs needs torch.cuda.CUDAGraph.register_generator_state (torch >= 2.5; this is "
+            f"{torch.__version__}) to draw fresh secret noise in every replay: upgrade torch or turn cuda_graphs off."
+        )
+    if grad_sample_mode not in ("flash_bk", "flash"):
+        raise UserError(f"cuda_graphs needs grad_sample_mode flash_bk or flash, not {grad_sample_mode}.")
+    if any(p.device.type != "cuda" for p in module.parameters() if p.requires_grad):
+        raise UserError("cuda_graphs needs the model on the CUDA device before make_private: call model.cuda().")
+    if generator is not None and generator.device.type != "cuda":
+        raise UserError("cuda_graphs needs the noise generator on the CUDA device (torch.Generator('cuda')).")
+
+
+def make_capturable(optimizer: torch.optim.Optimizer) -> None:
+    """Adam/AdamW keep their step counter on the device inside a graph."""
+    for group in optimizer.param_groups:
+        if "capturable" in group:
+            group["capturable"] = True
+
+
+class GraphedNoisyStep:
+    """The DP optimizer's noisy step as a CUDA graph after WARMUP_STEPS eager ones."""
+
+    def __init__(self, noisy_step: Callable[[], None], generator: torch.Generator):
+        self.noisy_step, self.generator = noisy_step, generator
+        self.eager_steps = 0
+        self.graph: torch.cuda.CUDAGraph | None = None
+
+    def __call__(self) -> None:
+        if self.graph is not None:
+            self.graph.replay()
+            return
+        if self.eager_steps < WARMUP_STEPS:
+            self.eager_steps += 1
+            self.noisy_step()
+            return
+        graph = torch.cuda.CUDAGraph()
+        graph.register_generator_state(self.generator)
+        torch.cuda.synchronize()
+        with torch.cuda.graph(graph):
+            self.noisy_step()
+        self.graph = graph
+        graph.replay()  # a capture records the step but does not take it
+
+
+class CudaGraphedStep:
+    """`physical_step(*tensors) -> DPLoss` and its clipped backward, replayed as one CUDA graph; returns the
+    per-row losses (a static tensor, overwritten by the next call)."""
+
+    def __init__(self, physical_step: Callable[..., DPLoss]):
+        self.physical_step = physical_step
+        self.calls = 0
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.static_inputs: tuple[torch.Tensor, ...] = ()
+        self.static_losses: torch.Tensor | None = None
+        self._side_stream = torch.cuda.Stream()
+
+    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+        if self.graph is not None:
+            self._check_shapes(inputs)
+            for static, new in zip(self.static_inputs, inputs, strict=True):
+                static.copy_(new, non_blocking=True)
+            self.graph.replay()
+            return self.static_losses
+        self.calls += 1
+        if self.calls <= WARMUP_STEPS:
+            return self._eager(inputs)
+        self.static_inputs = tuple(x.clone() for x in inputs)
+        graph = torch.cuda.CUDAGraph()
+        torch.cuda.synchronize()
+        with torch.cuda.graph(graph):
+            loss = self.physical_step(*self.static_inputs)
+            loss.backward()
+            self.static_losses = loss.losses.detach()
+        self.graph = graph
+        graph.replay()  # a capture records the step but does not take it
+        return self.static_losses
+
+    def _eager(self, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """A warm-up call on a side stream (so that the capture finds the allocator and the kernels warm)."""
+        self._side_stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self._side_stream):
+            loss = self.physical_step(*inputs)
+            loss.backward()
+            losses = loss.losses.detach()
+        torch.cuda.current_stream().wait_stream(self._side_stream)
+        return losses
+
+    def _check_shapes(self, inputs: tuple[torch.Tensor, ...]) -> None:
+        shapes, captured = [(x.shape, x.dtype) for x in inputs], [(x.shape, x.dtype) for x in self.static_inputs]
+        if shapes != captured:
+            raise ValueError(
+                f"A graphed step replays one shape; got {shapes}, captured {captured}. Pad every physical batch to "
+                "max_physical_batch_size rows (make_private's loader does)."
+            )
