@@ -49,6 +49,7 @@ from dp_utils.privacy.sampling import PoissonBatchSampler
 from dp_utils.training.adapters import TrainedParameters, lora_config, select_trainable, trained_parameters
 from dp_utils.training.arguments import build_parser
 from dp_utils.training.attention import set_attention_backend
+from dp_utils.training.augmentation import augment
 from dp_utils.training.batches import PhysicalBatch, PhysicalBatchDataset, physical_batch_keys, physical_batch_loader
 from dp_utils.training.checkpoints import TrainState, register_pretrained_hooks, resolve_checkpoint, save_checkpoint
 from dp_utils.training.checks import (
@@ -62,11 +63,14 @@ from dp_utils.training.checks import (
 )
 from dp_utils.training.cpu_memory import retain_freed_memory
 from dp_utils.training.distributed import check_world_size, run_on_cpu
+from dp_utils.training.generation import public_finisher
 from dp_utils.training.hub import create_model_repo, push_to_hub
 from dp_utils.training.model import checkpoint_id2label, disable_label_dropout, fit_label_table
+from dp_utils.training.optimizers import build_optimizer, check_noise_std, dp_noise_std
 from dp_utils.training.outputs import log_validation, save_pipeline
 from dp_utils.training.plan import RunPlan, plan_run, privacy_ledger, privacy_report, training_summary
 from dp_utils.training.pretrained import load_model
+from dp_utils.training.recipe import training_recipe
 from dp_utils.training.released import noise_source, private_metrics, public_config
 from dp_utils.training.text_to_image import (
     CaptionedBatch,
@@ -77,6 +81,7 @@ from dp_utils.training.text_to_image import (
     open_text_to_image,
     save_text_pipeline,
 )
+from dp_utils.training.timesteps import sample_timesteps, timestep_range
 from dp_utils.training.variance import keep_rows_fixed, variance_rows
 
 logger = get_logger(__name__)
@@ -158,7 +163,7 @@ def open_data_and_model(args):
 
 
 def make_private(args, accelerator, transformer, dataset, plan: RunPlan, randomness: DPRandomness):
-    """AdamW over the trainable parameters, wrapped by dp_utils: (model, DP optimizer, criterion, what is trained)."""
+    """--optimizer on the trainable parameters, wrapped by dp_utils: (model, DP optimizer, criterion, what trains)."""
     disable_label_dropout(transformer)
     lora = lora_config(args.lora_rank, args.lora_alpha, args.lora_target_modules) if args.trainable == "lora" else None
     select_trainable(transformer, args.trainable, args.embedders == "train", lora)
@@ -169,12 +174,8 @@ def make_private(args, accelerator, transformer, dataset, plan: RunPlan, randomn
     transformer.to(accelerator.device).train()
     if args.attention_backend:
         set_attention_backend(transformer, args.attention_backend)
-    optimizer = torch.optim.AdamW(
-        [p for p in transformer.parameters() if p.requires_grad],
-        lr=args.learning_rate,
-        betas=(args.adam_beta1, args.adam_beta2),
-        weight_decay=args.adam_weight_decay,
-    )
+    noise_std = dp_noise_std(args, plan) if args.optimizer == "dp_adambc" else 0.0  # sigma C / B: public
+    optimizer = build_optimizer(args, [p for p in transformer.parameters() if p.requires_grad], noise_std)
     fixed = variance_rows(transformer, transformer.config.in_channels)  # the learned-variance half stays as loaded
     keep_rows_fixed(optimizer, fixed)  # on the optimizer that applies the update: after the DP noise
     k = args.noise_multiplicity
@@ -205,6 +206,8 @@ def make_private(args, accelerator, transformer, dataset, plan: RunPlan, randomn
         noise_generator=randomness.noise_generator,
         cuda_graphs=cuda_graphs_wanted(args, accelerator),
     )
+    if args.optimizer == "dp_adambc":
+        check_noise_std(noise_std, optimizer, accelerator.num_processes)
     return model, optimizer, criterion, trained_parameters(transformer, args.trainable, fixed)
 
 
@@ -244,8 +247,11 @@ def physical_batch_loss(args, accelerator, run: Run, latents, labels, mask) -> d
     generator, which a replay advances, and autocast keeps no cache of casts.)"""
     k = args.noise_multiplicity
     latents, labels, mask = (x.repeat_interleave(k, 0) for x in (latents, labels, mask))  # (BK, ...)
+    latents = augment(latents, args.augmentation)  # K views of each image, clipped as one example
     noise = torch.randn_like(latents)
-    timesteps = torch.randint(0, run.scheduler.config.num_train_timesteps, (len(latents),), device=latents.device)
+    timesteps = sample_timesteps(
+        len(latents), *timestep_range(args, run.scheduler.config.num_train_timesteps), latents.device
+    )
     noisy = run.scheduler.add_noise(latents, noise, timesteps)
     with accelerator.autocast(autocast_handler=AutocastKwargs(cache_enabled=False)):
         prediction = run.model(noisy, timestep=timesteps, class_labels=labels).sample[:, : latents.shape[1]]
@@ -405,6 +411,7 @@ def finish(args, accelerator, run: Run, epsilon: float, repo_id: str | None) -> 
             noise_seed_given=run.randomness.reproducible,
             noise_source=noise_source(run.randomness.reproducible),
             private_metrics_logged=args.log_private_metrics,
+            recipe=training_recipe(args, run.scheduler.config.num_train_timesteps, run.optimizer.original_optimizer),
         )
         grid = validate(args, accelerator, run) if args.validation_steps else None
         location = repo_id or args.output_dir
@@ -424,6 +431,9 @@ def main(args):
     accelerator = start_accelerator(args)
     resume = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir) if args.resume_from_checkpoint else None
     transformer, scheduler, vae, dataset, null_label = open_data_and_model(args)
+    timestep_range(args, scheduler.config.num_train_timesteps)  # refused before any compute
+    if args.public_finisher_steps:
+        public_finisher(args, dataset.class_names if dataset.conditional else None)  # likewise
     plan = plan_run(len(dataset), args.logical_batch_size, args.max_train_steps, args.num_train_epochs, args.delta)
     check_data(args, plan.num_images, dataset.num_classes, dataset.conditional, plan.delta)
     for warning in run_warnings(plan.num_images, args.logical_batch_size, plan.delta):

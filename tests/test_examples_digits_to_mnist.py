@@ -1,5 +1,6 @@
 """The public -> private example's data split and metrics (examples/digits_to_mnist)."""
 
+import argparse
 import json
 import subprocess
 import sys
@@ -60,3 +61,21 @@ def test_shipped_public_model_is_the_config_and_samples_by_class_name():
     assert report["dataset_size"] == 1797 and report["epsilon"] is None  # public data, no noise
     images = pipe(class_labels=pipe.get_label_ids(["3", "7"]), num_inference_steps=2, output_type="np").images
     assert images.shape == (2, 16, 16, 3)
+
+
+def test_evaluation_scores_the_finisher_a_report_recommends_or_the_ones_asked(tmp_path):
+    plain, finished = tmp_path / "plain", tmp_path / "finished"
+    for folder, recipe in (
+        (plain, {"optimizer": "adamw"}),
+        (finished, {"public_finisher": {"model": "pub", "last_steps": 5, "of_steps": 25}}),
+    ):
+        folder.mkdir()
+        (folder / "privacy_report.json").write_text(json.dumps({"recipe": recipe}))
+    args = argparse.Namespace(public_model=str(plain), finisher_steps=None, model_dirs=[str(plain), str(finished)])
+    assert evaluate.scored_variants(args) == [(plain, None, 0), (finished, "pub", 5)]
+    args.finisher_steps = [0, 3]  # asked: every model with each, the public model itself only unfinished
+    assert evaluate.scored_variants(args) == [
+        (plain, str(plain), 0),
+        (finished, str(plain), 0),
+        (finished, str(plain), 3),
+    ]

@@ -12,7 +12,9 @@ from diffusers.optimization import SchedulerType
 from ..privacy.privacy_engine import GRAD_SAMPLE_MODES
 from .adapters import LORA_TARGET_MODULES, TRAINABLE
 from .attention import ATTENTION_BACKENDS
+from .augmentation import AUGMENTATIONS
 from .model import PRESETS
+from .optimizers import OPTIMIZERS
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -205,6 +207,40 @@ def build_parser(description: str) -> argparse.ArgumentParser:
         "under DP.",
     )
     train.add_argument("--lr_warmup_steps", type=int, default=0, help="Warm-up steps of the lr schedule.")
+    train.add_argument(
+        "--optimizer",
+        choices=OPTIMIZERS,
+        default="adamw",
+        help="The optimizer that applies each noised gradient (default: %(default)s). dp_adambc: Adam with the "
+        "DP noise's variance (sigma C / B)^2 subtracted from its second moment (Tang et al., AAAI 2024; public "
+        "quantities only), floored at --dp_adambc_gamma; sgd: SGD with --sgd_momentum.",
+    )
+    train.add_argument(
+        "--dp_adambc_gamma",
+        type=float,
+        default=5e-8,
+        help="dp_adambc's floor of the corrected second moment: where the noise dominates, the step is SGD with "
+        "momentum at rate lr / sqrt(gamma).",
+    )
+    train.add_argument("--sgd_momentum", type=float, default=0.9, help="Momentum of --optimizer sgd.")
+    train.add_argument(
+        "--timestep_min",
+        type=int,
+        default=0,
+        help="Train on diffusion timesteps in [--timestep_min, --timestep_max] only (DP-SynGen spends the budget on "
+        "the timesteps that set shape and style); the last sampling steps can go to the public model.",
+    )
+    train.add_argument(
+        "--timestep_max", type=int, help="Largest training timestep (default: the scheduler's last, 999 for DiT)."
+    )
+    train.add_argument(
+        "--augmentation",
+        choices=AUGMENTATIONS,
+        default="none",
+        help="shift: each of an image's --noise_multiplicity rows is shifted by a random whole number of latent "
+        "pixels in [-1, 1] per axis (edges repeated): K augmented views clipped as one example (augmentation "
+        "multiplicity), same privacy as K = 1.",
+    )
     train.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1.")
     train.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW beta2.")
     train.add_argument("--adam_weight_decay", type=float, default=0.0, help="AdamW weight decay (DiT: none).")
@@ -294,6 +330,14 @@ def build_parser(description: str) -> argparse.ArgumentParser:
         help="A captioned cache: prompts to sample at each validation (one grid row each; public text, not data).",
     )
     io.add_argument("--num_validation_images", type=int, default=4, help="Images per validation class.")
+    io.add_argument(
+        "--public_finisher_steps",
+        type=int,
+        default=0,
+        help="Fine-tuning: the last K of --num_inference_steps sampling steps are the pretrained model's (the public "
+        "prior cleans the details; post-processing, no privacy cost). Validation grids use it; the privacy report "
+        "and the card name it and show how to sample so. Needs the checkpoint's class ids to be the dataset's.",
+    )
     io.add_argument("--guidance_scale", type=float, default=4.0, help="Classifier-free guidance scale.")
     io.add_argument("--num_inference_steps", type=int, default=25, help="DPM-Solver steps when sampling.")
     hub = parser.add_argument_group("Hugging Face Hub")

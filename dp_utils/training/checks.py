@@ -83,6 +83,14 @@ def check_flags(args: argparse.Namespace) -> None:
         f"--checkpoints_total_limit must be >= 1, got {args.checkpoints_total_limit}; leave it out to keep all.",
     )
     _need(args.num_inference_steps >= 1, f"--num_inference_steps must be >= 1, got {args.num_inference_steps}.")
+    _need(
+        0 <= args.public_finisher_steps <= args.num_inference_steps,
+        f"--public_finisher_steps must be in [0, --num_inference_steps], got {args.public_finisher_steps}.",
+    )
+    _need(
+        not args.public_finisher_steps or args.pretrained_model_name_or_path,
+        "--public_finisher_steps needs --pretrained_model_name_or_path: the public model that finishes the samples.",
+    )
     _need(math.isfinite(args.guidance_scale), f"--guidance_scale must be finite, got {args.guidance_scale}.")
     _need(
         _finite(args.class_dropout_prob, 0, 1),
@@ -101,6 +109,19 @@ def check_flags(args: argparse.Namespace) -> None:
     _need(
         _finite(args.adam_weight_decay, 0),
         f"--adam_weight_decay must be finite and >= 0, got {args.adam_weight_decay}.",
+    )
+    _need(
+        _finite(args.dp_adambc_gamma, 0, low_inclusive=False),
+        f"--dp_adambc_gamma must be > 0, got {args.dp_adambc_gamma}.",
+    )
+    _need(
+        _finite(args.sgd_momentum, 0) and args.sgd_momentum < 1,
+        f"--sgd_momentum must be in [0, 1), got {args.sgd_momentum}.",
+    )
+    high = args.timestep_max
+    _need(
+        args.timestep_min >= 0 and (high is None or high >= args.timestep_min),
+        f"--timestep_min/--timestep_max must satisfy 0 <= min <= max, got {args.timestep_min} and {high}.",
     )
     _need(_finite(args.ema_decay, 0, 1), f"--ema_decay must be in [0, 1], got {args.ema_decay} (DiT: 0.9999).")
     _need(0 <= args.seed < 2**32, f"--seed must be in [0, 2**32), got {args.seed}.")

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from huggingface_hub import ModelCard, ModelCardData, hf_hub_download
 
+from .recipe import describe_recipe
 from .released import guarantee_notes
 
 DP_TAGS = ["differential-privacy", "dp-sgd"]
@@ -113,6 +114,8 @@ def model_card(
         f"{report['expected_batch_size']:.1f}), noise multiplier {report['noise_multiplier']:.4g}, clipping norm "
         f"{report['max_grad_norm']}, {report['accountant']} accountant. {_trained_note(report)}"
     )
+    if describe_recipe(report):
+        training += " " + describe_recipe(report)
     if private and base_model:
         training += " The guarantee covers the training images, not the data the base model was trained on."
     if private:

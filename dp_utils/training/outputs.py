@@ -11,7 +11,7 @@ from diffusers import DDPMScheduler, DiTPipeline, DPMSolverMultistepScheduler
 from PIL import Image, ImageDraw, ImageFont
 
 from .adapters import merge_lora, save_lora_weights
-from .generation import generate
+from .generation import generate, public_finisher
 from .model import pad_label_table_for_pipeline
 from .model_card import base_model_license, model_card
 from .pixel_vae import identity_vae
@@ -73,6 +73,8 @@ def log_validation(args, accelerator, model, ema, scheduler, vae, classes, class
         args.num_inference_steps,
         vae=vae,
         generator=generator,
+        finisher=public_finisher(args, class_names) if args.public_finisher_steps else None,
+        finisher_steps=args.public_finisher_steps,
     )
     model.train()
     if ema is not None:

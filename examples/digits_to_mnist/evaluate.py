@@ -80,10 +80,46 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     return float(mean_term + np.trace(cov_a) + np.trace(cov_b) - 2 * trace_sqrt)
 
 
-def sample(model_dir: Path, per_class: int, guidance_scale: float, steps: int, seed: int) -> torch.Tensor:
-    """Grey samples (10 * per_class, 1, H, W), class c at rows c * per_class ..., from a pixel-space model folder."""
+def scored_variants(args) -> list[tuple[Path, str | None, int]]:
+    """(model, finisher pipeline, finisher steps) to score: each --finisher_steps K with --public_model, or by default
+    the finisher a model's privacy report recommends (train_dp_dit.py --public_finisher_steps), else none."""
+    public = Path(args.public_model).resolve()
+    variants = []
+    for model_dir in map(Path, args.model_dirs):
+        if args.finisher_steps is None:
+            report = json.loads((model_dir / "privacy_report.json").read_text())
+            finisher = (report.get("recipe") or {}).get("public_finisher")
+            variants.append(
+                (model_dir, finisher["model"], finisher["last_steps"]) if finisher else (model_dir, None, 0)
+            )
+        else:
+            is_public = model_dir.resolve() == public
+            variants += [(model_dir, args.public_model, k) for k in args.finisher_steps if not (k and is_public)]
+    return variants
+
+
+def sample(model_dir: Path, per_class: int, args, finisher_dir: str | None = None, finisher_steps: int = 0):
+    """Grey samples (10 * per_class, 1, H, W), class c at rows c * per_class ..., from a pixel-space model folder;
+    the last `finisher_steps` sampling steps by the transformer of the pipeline in `finisher_dir`."""
     labels = [digit for digit in range(10) for _ in range(per_class)]
-    return sample_pixel_pipeline(model_dir, labels, guidance_scale, steps, seed).mean(1, keepdim=True)
+    images = sample_pixel_pipeline(
+        model_dir,
+        labels,
+        args.guidance_scale,
+        args.num_inference_steps,
+        args.seed,
+        finisher_dir=finisher_dir,
+        finisher_steps=finisher_steps,
+    )
+    return images.mean(1, keepdim=True)
+
+
+def bootstrap_se(statistic, *arrays: np.ndarray, rounds: int = 100, seed: int = 0) -> float:
+    """Standard error of statistic(*arrays) by resampling the rows of the first array (the samples)."""
+    rng = np.random.default_rng(seed)
+    n = len(arrays[0])
+    values = [statistic(arrays[0][rng.integers(0, n, n)], *arrays[1:]) for _ in range(rounds)]
+    return float(np.std(values, ddof=1))
 
 
 def save_labelled_grid(images: torch.Tensor, per_class: int, path: Path, columns: int = 10, scale: int = 3) -> None:
@@ -131,16 +167,28 @@ def main(args):
     save_labelled_grid(test_images, 100, results / "grids" / "heldout-mnist.png")
     per_class = args.samples_per_class
     labels = torch.arange(10).repeat_interleave(per_class)
-    for model_dir in map(Path, args.model_dirs):
-        images = sample(model_dir, per_class, args.guidance_scale, args.num_inference_steps, args.seed)
+    for model_dir, finisher_dir, finisher_steps in scored_variants(args):
+        images = sample(model_dir, per_class, args, finisher_dir, finisher_steps)
         predictions, features = predict(judge, images)
-        recognised = (predictions == labels).float().mean().item()
+        hits = (predictions == labels).float().numpy()
+        recognised, recognised_se = hits.mean(), hits.std() / np.sqrt(len(hits))
         cas_model = train_classifier(images, labels, args.seed)
         cas = (predict(cas_model, test_images)[0] == test_labels).float().mean().item()
+        cas_se = np.sqrt(cas * (1 - cas) / len(test_labels))  # over the test digits; retraining adds to it
         distance = frechet_distance(features, test_features)
-        lines.append(f"| {model_dir.name} | {describe(model_dir)} | {recognised:.1%} | {cas:.1%} | {distance:.1f} |")
+        distance_se = bootstrap_se(frechet_distance, features, test_features)
+        name = model_dir.name + (
+            f", last {finisher_steps} of {args.num_inference_steps} steps by the public model"
+            if finisher_steps
+            else ""
+        )
+        lines.append(
+            f"| {name} | {describe(model_dir)} | {recognised:.1%} ± {recognised_se:.1%} | {cas:.1%} ± {cas_se:.1%} "
+            f"| {distance:.1f} ± {distance_se:.1f} |"
+        )
         print(lines[-1], flush=True)
-        save_labelled_grid(images, per_class, results / "grids" / f"{model_dir.name}.png")
+        suffix = f"-finisher{finisher_steps}" if finisher_steps else ""
+        save_labelled_grid(images, per_class, results / "grids" / f"{model_dir.name}{suffix}.png")
     (results / "results.md").write_text("\n".join(lines) + "\n")
     print(f"Wrote {results / 'results.md'} and sample grids in {results / 'grids'}")
 
@@ -153,6 +201,18 @@ if __name__ == "__main__":
     parser.add_argument("--samples_per_class", type=int, default=100, help="Samples generated per digit.")
     parser.add_argument("--guidance_scale", type=float, default=4.0, help="Classifier-free guidance scale.")
     parser.add_argument("--num_inference_steps", type=int, default=25, help="DPM-Solver steps.")
+    parser.add_argument(
+        "--public_model",
+        default="examples/digits_to_mnist/public-model",
+        help="The public pipeline that takes the last --finisher_steps sampling steps.",
+    )
+    parser.add_argument(
+        "--finisher_steps",
+        type=int,
+        nargs="+",
+        help="Score each model with its last K sampling steps by --public_model, for each K given (0: none; "
+        "default: the finisher each model's privacy report recommends, if any).",
+    )
     parser.add_argument("--seed", type=int, default=0, help="Seed of the classifiers and the sampling noise.")
     parser.add_argument("--num_threads", type=int, default=2, help="torch CPU threads.")
     main(parser.parse_args())
