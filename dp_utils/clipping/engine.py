@@ -389,7 +389,7 @@ class ClippingEngine:
                 rule = self.layers[layer][1]
                 c = answered[0]
                 # two passes: each call's sum is added as the second pass returns it, so nothing is stacked
-                if rule.stacked_sums is None or len(layer_calls) > 1 or c.edge is None or self._two_pass:
+                if rule.stacked_add is None or len(layer_calls) > 1 or c.edge is None or self._two_pass:
                     singles.append(layer)
                     continue
                 trainable = tuple(p.requires_grad for p in layer.parameters(recurse=False))
@@ -528,21 +528,21 @@ class ClippingEngine:
             self.grads.views[getattr(layer, name)].add_(grad)
 
     def _accumulate_stacked(
-        self,
-        layers: list[nn.Module],
-        inputs: torch.Tensor,
-        grads: torch.Tensor,
-        blocks: dict[str, torch.Tensor | None],
+        self, layers: list[nn.Module], inputs: torch.Tensor, grads: torch.Tensor, blocks: dict[str, torch.Tensor]
     ) -> None:
-        """Each layer's sum into its gradient: one add into the stack's block of the buffer where it has one."""
+        """Each layer's sum into its gradient: in place into the stack's block of the buffer, or through a temporary
+        block where the buffer holds none (the stack's parameters are not laid out one after another)."""
+        targets = dict(blocks)
+        for name, block in blocks.items():
+            if block is None:
+                first = self.grads.views[getattr(layers[0], name)]
+                targets[name] = first.new_zeros(len(layers), *first.shape)
         with _no_autocast(grads.device.type):
-            sums = self.layers[layers[0]][1].stacked_sums(layers[0], inputs, grads, len(layers))
-        for name, stacked in sums.items():
-            if blocks[name] is not None:
-                blocks[name].add_(stacked)
-            else:
+            self.layers[layers[0]][1].stacked_add(layers[0], inputs, grads, targets)
+        for name, block in blocks.items():
+            if block is None:
                 views = [self.grads.views[getattr(layer, name)] for layer in layers]
-                torch._foreach_add_(views, list(stacked.unbind(0)))
+                torch._foreach_add_(views, list(targets[name].unbind(0)))
 
     @staticmethod
     def _scale_output_grads(calls: list[_Call], factors: _RowFactors) -> None:

@@ -234,3 +234,17 @@ def test_call_whose_output_never_reaches_the_loss(mode):
         PartlyUsed().double(), lambda m, x, y, criterion: criterion(m(x), y), (x, y), 0.05, mode, 4
     )
     assert relative_error(update, {n: e / 4 for n, e in expected.items()}) < 1e-10
+
+
+def test_stacks_without_a_block_of_the_buffer_add_through_a_temporary(tmp_path, monkeypatch):
+    """Where a stack's gradients are not laid out one after another, its sums reach the same views."""
+    from dp_utils.clipping.flat_grads import FlatGradients
+
+    monkeypatch.setattr(FlatGradients, "block", lambda self, run: None)
+    rows = 4
+    batch = dit_batch(rows, dtype=torch.float64)
+    expected, _ = naive_clipped_sum(
+        tiny_dit(tmp_path, dtype=torch.float64), dit_losses, batch, 0.05, torch.arange(rows)
+    )
+    update, _ = private_update(tiny_dit(tmp_path, dtype=torch.float64), dit_losses, batch, 0.05, "flash_bk", rows)
+    assert relative_error(update, {n: e / rows for n, e in expected.items()}) < 1e-10

@@ -6,8 +6,9 @@ Each rule sees every call of a module in one forward as a (layer input, gradient
   errors (`dp_utils.clipping.precision`);
 - summed_grads(module, calls) -> {param name: the gradient summed over rows and calls}; the engine has already
   multiplied each row's output gradient by that row's clip factor, so this is sum_b c_b g_b;
-- stacked_sums (optional): the same for L layers of one shape at once, their pairs stacked along the rows; norm
-  must then accept such a stack too (its L * E examples are folded back to E by the engine).
+- stacked_add (optional): the same for L layers of one shape at once, their pairs stacked along the rows, added in
+  place into (L, *shape) blocks of the gradient buffer; norm must then accept such a stack too (its L * E
+  examples are folded back to E by the engine).
 A rule covers the parameters named in `params`; one with a `capture` hands the engine its pairs itself (hooks it
 installs), in place of the engine's capture at the module's output.
 """
@@ -25,8 +26,8 @@ from torch import nn
 
 from ..tables import table_capture
 from .conv2d import conv2d_norm, conv2d_summed_grads, conv2d_unsupported
-from .embedding import embedding_norm, embedding_stacked_sums, embedding_summed_grads, embedding_unsupported
-from .linear import linear_norm, linear_stacked_sums, linear_summed_grads
+from .embedding import embedding_norm, embedding_stacked_add_, embedding_summed_grads, embedding_unsupported
+from .linear import linear_norm, linear_stacked_add_, linear_summed_grads
 from .norm import affine_norm, affine_summed_grads
 from .rms_norm import rms_norm_unsupported
 from .table import TABLE, table_norm, table_summed_grads, table_unsupported
@@ -38,9 +39,9 @@ class LayerRule:
     summed_grads: Callable
     unsupported: Callable[[nn.Module], str | None] = lambda module: None  # why a configuration is not covered
     autocast: bool = False  # autocast runs the layer in its lower precision (linear, conv): so are its inputs kept
-    # stacked_sums(module, a, g, L): per-layer sums of L layers of one shape whose (input, output gradient) pairs are
-    # stacked along the rows, {name: (L, *shape)}; a rule that has it has its norms computed on the stack too
-    stacked_sums: Callable | None = None
+    # stacked_add(module, a, g, blocks): adds to blocks[name] (L, *shape) the sums of L layers of one shape whose
+    # pairs are stacked along the rows; a rule that has it has its norms computed on the stack too
+    stacked_add: Callable | None = None
     params: tuple[str, ...] = ("weight", "bias")  # the module's own parameters the rule covers
     capture: Callable | None = None  # capture(engine, module) -> hook handles, where not at the module's output
 
@@ -52,10 +53,10 @@ _TABLE_RULE = LayerRule(
 
 
 RULES: dict[type, LayerRule] = {
-    nn.Linear: LayerRule(linear_norm, linear_summed_grads, autocast=True, stacked_sums=linear_stacked_sums),
+    nn.Linear: LayerRule(linear_norm, linear_summed_grads, autocast=True, stacked_add=linear_stacked_add_),
     nn.Conv2d: LayerRule(conv2d_norm, conv2d_summed_grads, conv2d_unsupported, autocast=True),
     nn.Embedding: LayerRule(
-        embedding_norm, embedding_summed_grads, embedding_unsupported, stacked_sums=embedding_stacked_sums
+        embedding_norm, embedding_summed_grads, embedding_unsupported, stacked_add=embedding_stacked_add_
     ),
     nn.LayerNorm: LayerRule(affine_norm, affine_summed_grads),
     nn.GroupNorm: LayerRule(affine_norm, affine_summed_grads),

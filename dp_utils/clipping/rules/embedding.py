@@ -47,12 +47,11 @@ def embedding_summed_grads(module: nn.Embedding, calls: list) -> dict[str, torch
     return {"weight": grad.index_add_(0, idx.flatten(), g.flatten(0, 1))}
 
 
-def embedding_stacked_sums(module: nn.Embedding, a: torch.Tensor, g: torch.Tensor, copies: int) -> dict:
-    """Summed gradients of `copies` tables shaped like `module`, their calls stacked along the rows: one index_add
-    into a (L * V, D) buffer, layer l's indices shifted by l * V."""
+def embedding_stacked_add_(module: nn.Embedding, a: torch.Tensor, g: torch.Tensor, blocks: dict) -> None:
+    """blocks["weight"][l] += table l's summed gradient, for L tables shaped like `module` whose calls are stacked
+    along the rows: one index_add into the (L * V, D) block, table l's indices shifted by l * V."""
     idx, g = _tokens(module, [(a, g)])
-    rows, width = module.weight.shape
+    block = blocks["weight"]
+    copies, rows, width = block.shape
     shift = torch.arange(copies, device=idx.device).repeat_interleave(idx.shape[0] // copies) * rows
-    grad = torch.zeros(copies * rows, width, dtype=upcast(g[:0]).dtype, device=g.device)
-    grad.index_add_(0, (idx + shift[:, None]).flatten(), upcast(g).flatten(0, 1))
-    return {"weight": grad.view(copies, rows, width)}
+    block.view(copies * rows, width).index_add_(0, (idx + shift[:, None]).flatten(), g.flatten(0, 1).to(block.dtype))

@@ -142,16 +142,20 @@ def weight_and_bias_sums(module: nn.Module, a: torch.Tensor, g: torch.Tensor) ->
     return grads
 
 
-def linear_stacked_sums(module: nn.Linear, a: torch.Tensor, g: torch.Tensor, copies: int) -> dict[str, torch.Tensor]:
-    """Summed gradients of `copies` layers shaped like `module`, whose calls are stacked along the rows: a (L*B, ...,
-    d), g (L*B, ..., p) -> weight (L, p, d) and bias (L, p), each layer's own sum over its rows, in at least fp32."""
-    grads = {}
+def linear_stacked_add_(module: nn.Linear, a: torch.Tensor, g: torch.Tensor, blocks: dict[str, torch.Tensor]) -> None:
+    """blocks[name][l] += layer l's summed gradient, for L layers shaped like `module` whose calls are stacked along
+    the rows: a (L*B, ..., d), g (L*B, ..., p); weight block (L, p, d), bias block (L, p). Operands and block of
+    one dtype (fp32 training): one baddbmm in place; else products in at least fp32, as `matmul` gives them."""
+    copies = len(blocks["weight"] if "weight" in blocks else blocks["bias"])
     g = g.reshape(copies, -1, g.shape[-1])
-    if module.weight.requires_grad:
-        grads["weight"] = matmul(g.mT, a.reshape(copies, -1, a.shape[-1]))[0]
-    if module.bias is not None and module.bias.requires_grad:
-        grads["bias"] = g.sum(1, dtype=accumulation_dtype(g.dtype))
-    return grads
+    if "weight" in blocks:
+        a, weight = a.reshape(copies, -1, a.shape[-1]), blocks["weight"]
+        if a.dtype == g.dtype == weight.dtype:
+            weight.baddbmm_(g.mT, a)
+        else:
+            weight.add_(matmul(g.mT, a)[0])
+    if "bias" in blocks:
+        blocks["bias"].add_(g.sum(1, dtype=accumulation_dtype(g.dtype)))
 
 
 def tokens_of(calls: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
