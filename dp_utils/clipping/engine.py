@@ -39,7 +39,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.autograd.graph import GradientEdge, get_gradient_edge
+from torch.autograd.graph import GradientEdge
 
 from .flat_grads import FlatGradients
 from .groups import RowGroups
@@ -289,7 +289,7 @@ class ClippingEngine:
         if not inputs[0].requires_grad:
             self._first_layers.add(layer)
         if self.mode == "flash_bk" and not self._recomputed:  # keep the input; the backward asks for the edge
-            call.input, call.edge = inputs[0], get_gradient_edge(output)
+            call.input, call.edge = inputs[0], GradientEdge(output.grad_fn, output.output_nr)
             return None
         output = _CatchGrad.apply(output, inputs[0], self.anchor(output.device), self, call)
         self._nodes.append(weakref.ref(output.grad_fn))
