@@ -237,6 +237,14 @@ def test_bad_inputs_fail_before_training(tmp_path, pixel_pipeline, latent_pipeli
     with pytest.raises(ValueError, match=r"Row \d+ of the cache .* has label [4-9] .*re-create it"):
         run_in_process(*pixel_args(pixel_pipeline, tampered, out, "--noise_multiplier", 1, "--report_to", "none"))
     assert not out.exists()
+    if not torch.cuda.is_available():  # the static step's flags, on a machine that cannot run them
+        for flags, message in (
+            (["--cuda_graphs"], "cuda_graphs needs a CUDA device"),
+            (["--attention_backend", "flash"], "runs on CUDA only"),
+        ):
+            with pytest.raises(UserError, match=message):
+                run_in_process(*pixel_args(pixel_pipeline, digits_cache, out, "--noise_multiplier", 1, *flags))
+            assert not out.exists()
     with pytest.raises(ValueError, match="exactly one of --pretrained_model_name_or_path or --model_config"):
         train_dp_dit.parse_args(["--latent_cache", str(digits_cache), "--noise_multiplier", "1"])
     with pytest.raises(SystemExit):  # a budget is required: --target_epsilon or --noise_multiplier
