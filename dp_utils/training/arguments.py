@@ -9,6 +9,7 @@ import argparse
 
 from diffusers.optimization import SchedulerType
 
+from ..errors import ArgumentParser
 from ..privacy.privacy_engine import GRAD_SAMPLE_MODES
 from .adapters import LORA_TARGET_MODULES, TRAINABLE
 from .model import PRESETS
@@ -26,7 +27,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 def build_parser(description: str) -> argparse.ArgumentParser:
     """train_dp_dit.py's flags, grouped as its --help shows them."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
+    parser = ArgumentParser(description=description, formatter_class=HelpFormatter)
     model = parser.add_argument_group("model (give --pretrained_model_name_or_path or --model_config)")
     model.add_argument(
         "--pretrained_model_name_or_path",

@@ -11,12 +11,11 @@ import argparse
 import math
 import os
 import re
-import tempfile
 from pathlib import Path
 
 import accelerate.utils
 
-from ..errors import UserError
+from ..errors import UserError, check_writable_dir
 from .checkpoints import list_checkpoints
 from .model import PRESETS
 
@@ -166,13 +165,11 @@ def check_output_dir(args: argparse.Namespace) -> None:
     """--output_dir can be written and holds no other run, unless this run resumes it or may overwrite it."""
     out = Path(args.output_dir)
     _need(not out.exists() or out.is_dir(), f"--output_dir {out} is a file: give a folder (new or empty).")
-    existing = next(p for p in (out, *out.parents) if p.exists())
-    _need(existing.is_dir(), f"--output_dir {out}: {existing} is a file, not a folder; give another path.")
-    try:
-        with tempfile.TemporaryFile(dir=existing):  # an unnamed probe: nothing is left behind
-            pass
-    except OSError as error:
-        raise UserError(f"--output_dir {out} cannot be written ({error.strerror}); give a writable folder.") from None
+    check_writable_dir("--output_dir", out)
+    if args.report_to not in (None, "none"):  # the tracker logs may go elsewhere (an absolute --logging_dir)
+        check_writable_dir("--logging_dir", out / args.logging_dir)
+    if args.cache_dir:
+        check_writable_dir("--cache_dir", args.cache_dir)
     if args.resume_from_checkpoint or args.overwrite_output_dir:
         return
     finished = (out / FINISHED_RUN).is_file()
