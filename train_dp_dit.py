@@ -47,7 +47,14 @@ from dp_utils.privacy.sampling import PoissonBatchSampler
 from dp_utils.training.adapters import TrainedParameters, lora_config, select_trainable, trained_parameters
 from dp_utils.training.arguments import build_parser
 from dp_utils.training.batches import PieceDataset, piece_keys, piece_loader
-from dp_utils.training.checkpoints import TrainState, register_pretrained_hooks, resolve_checkpoint, save_checkpoint
+from dp_utils.training.checkpoints import (
+    TrainState,
+    load_checkpoint,
+    register_pretrained_hooks,
+    resolve_checkpoint,
+    save_checkpoint,
+    what_is_trained,
+)
 from dp_utils.training.checks import (
     check_data,
     check_flags,
@@ -192,10 +199,10 @@ def make_private(args, accelerator, transformer, dataset, plan: RunPlan, randomn
 
 def restore_or_begin(args, accelerator, run: Run, resume: Path | None) -> None:
     """Resume from a checkpoint (the budget continues), or clear what --overwrite_output_dir replaces; trackers."""
-    register_pretrained_hooks(accelerator, run.transformer, run.ema)
+    register_pretrained_hooks(accelerator, run.transformer, run.ema, what_is_trained(args))
     accelerator.register_for_checkpointing(run.optimizer, run.lr_scheduler, run.state, run.randomness)  # secret
     if resume is not None:
-        accelerator.load_state(str(resume))
+        load_checkpoint(accelerator, resume)
         run.optimizer.privacy_engine.accountant.history = [tuple(h) for h in run.state.accountant_history]
         logger.info(f"Resumed from {resume} at step {run.state.step}.")
     if run.state.step >= run.plan.max_train_steps:
@@ -344,13 +351,15 @@ def finish(args, accelerator, run: Run, epsilon: float, repo_id: str | None) -> 
 
 def main(args):
     accelerator = start_accelerator(args)
-    resume = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir) if args.resume_from_checkpoint else None
+    repo_id = create_model_repo(args.output_dir, args.hub_model_id, args.hub_token) if args.push_to_hub else None
+    resume = None
+    if args.resume_from_checkpoint:
+        resume = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir, what_is_trained(args))
     transformer, scheduler, vae, dataset, null_label = open_data_and_model(args)
     plan = plan_run(len(dataset), args.logical_batch_size, args.max_train_steps, args.num_train_epochs, args.delta)
     check_data(args, plan.num_images, dataset.num_classes, dataset.conditional, plan.delta)
     for warning in run_warnings(plan.num_images, args.logical_batch_size, plan.delta):
         logger.warning(warning)
-    repo_id = create_model_repo(args.output_dir, args.hub_model_id, args.hub_token) if args.push_to_hub else None
 
     randomness = DPRandomness(args.noise_seed, accelerator.device)  # the DP noise and batches: never from --seed
     if randomness.reproducible:

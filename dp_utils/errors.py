@@ -17,6 +17,12 @@ class UserError(ValueError):
     """Something the user can fix; the message names the problem and the fix. Scripts exit with code 2."""
 
 
+def one_line(error: BaseException) -> str:
+    """An exception as one short line, for a message that says what could not be read."""
+    reason = " ".join(str(error).split()) or type(error).__name__
+    return f"{type(error).__name__}: {reason}"[:300]
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse whose errors are UserErrors: one `error:` line and exit code 2 through `run_script`, no usage dump."""
 

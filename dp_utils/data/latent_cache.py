@@ -30,7 +30,7 @@ import datasets
 import numpy as np
 import torch
 
-from ..errors import UserError, check_writable_dir
+from ..errors import UserError, check_writable_dir, one_line
 from .images import IMAGE_EXTENSIONS, ImageSource
 
 CACHE_INFO_NAME = "cache_info.json"
@@ -105,7 +105,7 @@ def load_latent_cache(cache_dir: str | os.PathLike) -> tuple[datasets.Dataset, d
         raise
     except DAMAGED as error:
         raise UserError(
-            f"The latent cache at {cache_dir} is damaged ({damage(error)}). Re-create it: run precompute_latents.py "
+            f"The latent cache at {cache_dir} is damaged ({one_line(error)}). Re-create it: run precompute_latents.py "
             f"again with --output_dir {cache_dir} --overwrite_output_dir."
         ) from None
     if len(dataset) != info["num_rows"]:
@@ -114,12 +114,6 @@ def load_latent_cache(cache_dir: str | os.PathLike) -> tuple[datasets.Dataset, d
             "it was modified after it was written. Re-create it with precompute_latents.py."
         )
     return dataset, info
-
-
-def damage(error: BaseException) -> str:
-    """One line saying what could not be read."""
-    reason = " ".join(str(error).split()) or type(error).__name__
-    return f"{type(error).__name__}: {reason}"[:300]
 
 
 def holds_images(folder: Path) -> bool:
@@ -141,12 +135,12 @@ def read_output_dir(output_dir: Path) -> tuple[dict | None, bool]:
         try:
             return read_json(output_dir / CACHE_INFO_NAME), True
         except DAMAGED as error:
-            return {"settings": None, "damaged": damage(error)}, True
+            return {"settings": None, "damaged": one_line(error)}, True
     if (output_dir / SHARDS_DIR / SETTINGS_NAME).is_file():
         try:
             return {"settings": read_json(output_dir / SHARDS_DIR / SETTINGS_NAME)}, False
         except DAMAGED as error:
-            return {"settings": None, "damaged": damage(error)}, False
+            return {"settings": None, "damaged": one_line(error)}, False
     if output_dir.is_dir() and any(output_dir.iterdir()):
         raise UserError(f"--output_dir {output_dir} is not empty and holds no latent cache; pick an empty directory.")
     return None, False

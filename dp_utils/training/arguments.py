@@ -15,6 +15,10 @@ from .adapters import LORA_TARGET_MODULES, TRAINABLE
 from .model import PRESETS
 
 
+# diffusers' schedules that run on --lr_warmup_steps alone; piecewise_constant needs step rules no flag gives.
+LR_SCHEDULERS = [t.value for t in SchedulerType if t is not SchedulerType.PIECEWISE_CONSTANT]
+
+
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """The module docstring as written, and every flag's default (unless its help already states it)."""
 
@@ -192,7 +196,7 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     train.add_argument("--learning_rate", type=float, default=1e-4, help="AdamW learning rate (DiT: 1e-4).")
     train.add_argument(
         "--lr_scheduler",
-        choices=[t.value for t in SchedulerType],
+        choices=LR_SCHEDULERS,
         default="constant",
         help="Learning-rate schedule (diffusers.optimization) over the planned steps; data-independent, so free "
         "under DP.",
