@@ -14,7 +14,6 @@ from ..privacy.privacy_engine import GRAD_SAMPLE_MODES
 from .adapters import LORA_TARGET_MODULES, TRAINABLE
 from .model import PRESETS
 
-
 # diffusers' schedules that run on --lr_warmup_steps alone; piecewise_constant needs step rules no flag gives.
 LR_SCHEDULERS = [t.value for t in SchedulerType if t is not SchedulerType.PIECEWISE_CONSTANT]
 
