@@ -61,14 +61,16 @@ from dp_utils.data.latent_cache import (
     finished_shard,
     load_latent_cache,
     merge_shards,
+    read_markers,
     read_output_dir,
     remove_cache,
     save_shard,
     settings_diff,
     write_json,
 )
-from dp_utils.errors import ArgumentParser, UserError, run_script
+from dp_utils.errors import ArgumentParser, UserError, check_writable_dir, run_script
 from dp_utils.training.distributed import check_world_size, run_on_cpu
+from dp_utils.training.pretrained import from_pretrained
 
 logger = get_logger(__name__)
 
@@ -403,18 +405,6 @@ def encode_my_shards(args, state: PartialState, plan: CachePlan, vae: Autoencode
     progress.close()
 
 
-def read_markers(plan: CachePlan) -> list[dict]:
-    """Every shard's marker, once all are encoded; a shard damaged since is a UserError."""
-    markers = [finished_shard(plan.shards_dir, k) for k in range(len(plan.bounds))]
-    missing = [k for k, marker in enumerate(markers) if marker is None]
-    if missing:
-        raise UserError(
-            f"Shards {missing} in {plan.shards_dir} were removed or damaged while this run encoded; run the same "
-            "command again to encode them again."
-        )
-    return markers
-
-
 def cache_info(args, plan: CachePlan, features, vae: AutoencoderKL | None, num_rows: int, skipped: list) -> dict:
     """cache_info.json: the metadata the trainer reads, and what made the cache."""
     source, settings = plan.source, plan.settings
@@ -457,6 +447,8 @@ def main(args: argparse.Namespace) -> None:
 
     # Everything that can be wrong with the inputs is checked here, before anything is written.
     found, finished = read_output_dir(Path(args.output_dir).absolute())
+    if args.cache_dir:
+        check_writable_dir("--cache_dir", args.cache_dir)
     source = read_input(args)
     vae_config, vae_kwargs = load_vae_config(args)
     plan = plan_cache(args, state, source, vae_config, vae_kwargs)
@@ -467,7 +459,13 @@ def main(args: argparse.Namespace) -> None:
     vae = None
     if vae_config is not None:
         dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
-        vae = AutoencoderKL.from_pretrained(**vae_kwargs, torch_dtype=dtype).to(state.device).requires_grad_(False)
+        kwargs = dict(vae_kwargs, torch_dtype=dtype)
+        path, flag = (
+            kwargs.pop("pretrained_model_name_or_path"),
+            "--vae" if args.vae else "--pretrained_model_name_or_path",
+        )
+        vae = from_pretrained(AutoencoderKL, path, flag, **kwargs)
+        vae.to(state.device).requires_grad_(False)
     num_views = 2 if args.random_flip else 1
     features = cache_features((num_views, *plan.latent_shape), vae is None, source.class_names)
 
@@ -483,7 +481,7 @@ def main(args: argparse.Namespace) -> None:
     state.wait_for_everyone()
 
     # Every process checks, so that all of them stop together on an error.
-    markers = read_markers(plan)
+    markers = read_markers(plan.shards_dir, len(plan.bounds))
     skipped = check_shards(source, markers, plan.bounds, plan.fingerprints)
     if state.is_main_process:
         merged = merge_shards(plan.output_dir, markers)

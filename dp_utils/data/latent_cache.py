@@ -186,6 +186,18 @@ def finished_shard(shards_dir: Path, k: int) -> dict | None:
     return marker
 
 
+def read_markers(shards_dir: Path, num_shards: int) -> list[dict]:
+    """Every shard's marker, once all are encoded; a shard removed or damaged since is a UserError."""
+    markers = [finished_shard(shards_dir, k) for k in range(num_shards)]
+    missing = [k for k, marker in enumerate(markers) if marker is None]
+    if missing:
+        raise UserError(
+            f"Shards {missing} in {shards_dir} were removed or damaged while this run encoded; run the same "
+            "command again to encode them again."
+        )
+    return markers
+
+
 def save_shard(
     shards_dir: Path, k: int, rows: dict[str, list], skipped: list[dict], fingerprint: str, features: datasets.Features
 ) -> None:

@@ -156,6 +156,7 @@ def check_checkpoint(path: Path, flag_value: str, trained: dict) -> None:
         saved = {"trainable": "lora" if saved_lora else "full or attention"}
         trained = {"trainable": trained["trainable"]} if saved_lora != (trained["trainable"] == "lora") else {}
     differ = [key for key in trained if saved.get(key) != trained[key]]
+    differ = [key for key in differ if None not in (saved.get(key), trained[key])] or differ  # LoRA's keys: both
     if differ:
         raise UserError(
             f"--resume_from_checkpoint {flag_value} was trained with "
