@@ -68,7 +68,7 @@ from dp_utils.data.latent_cache import (
     settings_diff,
     write_json,
 )
-from dp_utils.errors import ArgumentParser, UserError, check_writable_dir, run_script
+from dp_utils.errors import ArgumentParser, UserError, check_num_workers, check_writable_dir, run_script
 from dp_utils.training.distributed import check_world_size, run_on_cpu
 from dp_utils.training.pretrained import from_pretrained
 
@@ -275,8 +275,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     for flag in ("resolution", "batch_size", "shard_size"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag} must be positive, got {getattr(args, flag)}.")
-    if args.dataloader_num_workers < 0:
-        raise UserError(f"--dataloader_num_workers must be 0 or more, got {args.dataloader_num_workers}.")
+    check_num_workers(args.dataloader_num_workers)
     if args.mixed_precision is None:
         args.mixed_precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
         if args.mixed_precision not in ("no", "fp16", "bf16"):

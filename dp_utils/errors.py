@@ -53,6 +53,16 @@ def check_writable_dir(flag: str, path: str | os.PathLike) -> None:
             folder.rmdir()
 
 
+def check_num_workers(num_workers: int) -> None:
+    """DataLoader workers: each is a process, so a count far beyond the CPUs would exhaust the machine."""
+    most = 4 * (os.cpu_count() or 1)
+    if not 0 <= num_workers <= most:
+        raise UserError(
+            f"--dataloader_num_workers must be in 0..{most} (4 per CPU here; each worker is a process), got "
+            f"{num_workers}."
+        )
+
+
 def run_script(main: Callable[[], object]) -> int:
     """Run a script's `main`; a UserError becomes `error: <message>` on stderr and exit code 2, no traceback.
 

@@ -140,6 +140,8 @@ def test_bad_choices_and_values_are_one_line(tmp_path, capfd, pixel_pipeline, di
     for flags in (["--trainable", "everything"], ["--lr_scheduler", "piecewise_constant"], ["--max_train_steps", "x"]):
         message = refused(capfd, train, [*pixel_args(pixel_pipeline, digits_cache, out, *STEPS), *flags], out)
         assert message.endswith("(see --help)")
+    argv = [*pixel_args(pixel_pipeline, digits_cache, out, *STEPS), "--dataloader_num_workers", 10**6]
+    assert "each worker is a process" in refused(capfd, train, argv, out)  # not a million processes
     assert "the following arguments are required" in refused(capfd, train, ["--output_dir", out], out)
 
 

@@ -651,7 +651,7 @@ def run_cli(argv, capsys) -> tuple[int, str]:
         ("no_output_dir", r"the following arguments are required: --output_dir \(see --help\)"),
         ("bad_int", r"argument --resolution: invalid int value: 'abc'"),
         ("bad_choice", r"argument --mixed_precision: invalid choice: 'fp8'"),
-        ("negative_workers", r"--dataloader_num_workers must be 0 or more, got -1"),
+        ("negative_workers", r"--dataloader_num_workers must be in 0\.\.\d+ \(4 per CPU here.*got -1"),
         ("missing_folder", r"--train_data_dir .*nowhere is not a directory"),
         ("missing_dataset", r"Could not load split 'train' of --dataset_name .*nowhere"),
         ("missing_vae", r"Could not load the VAE .*no_vae.*--vae none for pixels"),
