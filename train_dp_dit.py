@@ -69,7 +69,7 @@ from dp_utils.training.distributed import check_world_size, run_on_cpu
 from dp_utils.training.hub import create_model_repo, push_to_hub
 from dp_utils.training.model import checkpoint_id2label, disable_label_dropout, fit_label_table
 from dp_utils.training.outputs import log_validation, save_pipeline
-from dp_utils.training.plan import RunPlan, plan_run, privacy_ledger, privacy_report, training_summary
+from dp_utils.training.plan import RunPlan, plan_run, privacy_parameters, privacy_report, training_summary
 from dp_utils.training.pretrained import load_model
 from dp_utils.training.released import noise_source, private_metrics, public_config
 from dp_utils.training.variance import keep_rows_fixed, variance_rows
@@ -329,7 +329,7 @@ def finish(args, accelerator, run: Run, epsilon: float, repo_id: str | None) -> 
             run.plan,
             epsilon,
             run.state.step,
-            run.state.privacy,
+            run.state.privacy_parameters,
             accountant=args.accountant,
             grad_sample_mode=args.grad_sample_mode,
             **asdict(run.trained),
@@ -382,8 +382,8 @@ def main(args):
             model_cls=type(transformer),
             model_config=transformer.config,
         )
-    ledger = privacy_ledger(plan, optimizer.noise_multiplier, args.max_grad_norm, args.noise_multiplicity)
-    state = TrainState(ledger)
+    parameters = privacy_parameters(plan, optimizer.noise_multiplier, args.max_grad_norm, args.noise_multiplicity)
+    state = TrainState(parameters)
     run = Run(
         transformer,
         model,
@@ -402,7 +402,7 @@ def main(args):
     )
     restore_or_begin(args, accelerator, run, resume)
     physical = f"{args.max_physical_batch_size} per process, {accelerator.num_processes} process(es)"
-    logger.info(training_summary(plan, ledger, args.accountant, transformer, physical, state.step))
+    logger.info(training_summary(plan, state.privacy_parameters, args.accountant, transformer, physical, state.step))
     logger.info(f"DP-SGD is {trained.describe()}.")
     epsilon = train(args, accelerator, run)
     finish(args, accelerator, run, epsilon, repo_id)

@@ -160,8 +160,8 @@ def build_parser(description: str) -> argparse.ArgumentParser:
         "--max_physical_batch_size",
         type=int,
         default=32,
-        help="Images per forward/backward and process; a logical batch is processed in several such pieces and "
-        "noised once (memory only, not privacy).",
+        help="Images per forward/backward and process (Opacus' physical batch); a logical batch is processed in "
+        "several and noised once (memory only, not privacy).",
     )
     dp.add_argument(
         "--grad_sample_mode",

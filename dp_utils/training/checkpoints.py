@@ -17,6 +17,7 @@ import os
 import pickle
 import re
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 
 from accelerate import Accelerator
@@ -26,6 +27,7 @@ from diffusers.training_utils import EMAModel
 
 from ..errors import UserError, one_line
 from .adapters import save_lora_weights, set_lora_weights
+from .plan import PrivacyParameters
 
 CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)")
 TEMPORARY_PREFIX = ".incomplete-checkpoint-"
@@ -34,23 +36,29 @@ ACCELERATE_STATE = "random_states_0.pkl"  # written by accelerator.save_state in
 
 
 class TrainState:
-    """Step and privacy ledger, checkpointed with the model so a resumed run never resets the budget."""
+    """Step, privacy parameters and accountant history, checkpointed with the model so that a resumed run never
+    resets the budget."""
 
-    def __init__(self, privacy: dict):
+    def __init__(self, privacy_parameters: PrivacyParameters):
         self.step = 0
-        self.privacy = privacy  # noise multiplier, sample rate, delta, planned steps: must match on resume
+        self.privacy_parameters = privacy_parameters
         self.accountant_history: list = []
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "privacy": self.privacy, "accountant_history": self.accountant_history}
+        return {
+            "step": self.step,
+            "privacy_parameters": asdict(self.privacy_parameters),
+            "accountant_history": self.accountant_history,
+        }
 
     def load_state_dict(self, state: dict) -> None:
-        for key in ("noise_multiplier", "sample_rate", "dataset_size", "max_grad_norm", "noise_multiplicity"):
-            if not math.isclose(state["privacy"][key], self.privacy[key], rel_tol=1e-9):
+        saved, ours = state["privacy_parameters"], asdict(self.privacy_parameters)
+        for key in PrivacyParameters.MUST_MATCH:
+            if not math.isclose(saved[key], ours[key], rel_tol=1e-9):
                 raise UserError(
-                    f"The checkpoint was trained with {key}={state['privacy'][key]}, this run has "
-                    f"{self.privacy[key]}: resuming would break the privacy accounting. Resume with the same "
-                    "dataset and DP flags (--target_epsilon, --noise_multiplier, --logical_batch_size, ...)."
+                    f"The checkpoint was trained with {key}={saved[key]}, this run has {ours[key]}: resuming would "
+                    "break the privacy accounting. Resume with the same dataset and DP flags (--target_epsilon, "
+                    "--noise_multiplier, --logical_batch_size, ...)."
                 )
         self.step, self.accountant_history = state["step"], state["accountant_history"]
 
