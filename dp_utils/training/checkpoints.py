@@ -137,6 +137,7 @@ def resolve_checkpoint(resume_from_checkpoint: str, output_dir: str | os.PathLik
                 f"--resume_from_checkpoint latest: no complete checkpoint-<step> folder in {output_dir}. "
                 "Drop --resume_from_checkpoint to start a new run, or give the checkpoint folder."
             )
+        check_checkpoint(found[-1], resume_from_checkpoint, trained)
         return found[-1]
     path = Path(resume_from_checkpoint)
     if not path.is_dir() and (Path(output_dir) / path).is_dir():
