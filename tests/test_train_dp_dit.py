@@ -239,7 +239,7 @@ def test_bad_inputs_fail_before_training(tmp_path, pixel_pipeline, latent_pipeli
     assert not out.exists()
     with pytest.raises(ValueError, match="exactly one of --pretrained_model_name_or_path or --model_config"):
         train_dp_dit.parse_args(["--latent_cache", str(digits_cache), "--noise_multiplier", "1"])
-    with pytest.raises(SystemExit):  # a budget is required: --target_epsilon or --noise_multiplier
+    with pytest.raises(UserError, match="one of the arguments --target_epsilon --noise_multiplier is required"):
         train_dp_dit.parse_args(["--model_config", "DiT-S/2", "--latent_cache", str(digits_cache)])
 
 
