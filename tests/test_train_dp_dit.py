@@ -123,7 +123,7 @@ def test_pixel_run_writes_model_samples_and_report(tmp_path, pixel_pipeline, dig
     image = pipeline(pipeline.get_label_ids(["9"]), num_inference_steps=2, generator=generator, output_type="pt")
     generator = torch.Generator().manual_seed(0)
     torch.testing.assert_close(  # the same sampler and the same draws as the trainer's own sampling code
-        torch.as_tensor(image.images),  # diffusers before 0.35 returns "pt" output as numpy
+        torch.as_tensor(image.images),  # diffusers 0.34 returns "pt" output as numpy
         generate(model, scheduler, [9], null_label=1000, num_inference_steps=2, generator=generator),
         rtol=0,
         atol=1e-4,
