@@ -121,9 +121,12 @@ def test_pixel_run_writes_model_samples_and_report(tmp_path, pixel_pipeline, dig
     assert sorted(pipeline.labels) == [str(digit) for digit in range(10)]
     generator = torch.Generator().manual_seed(0)
     image = pipeline(pipeline.get_label_ids(["9"]), num_inference_steps=2, generator=generator, output_type="pt")
+    images = image.images
+    if not torch.is_tensor(images):  # diffusers 0.34's DiTPipeline returns "pt" output as numpy (B, H, W, C)
+        images = torch.from_numpy(images).permute(0, 3, 1, 2)
     generator = torch.Generator().manual_seed(0)
     torch.testing.assert_close(  # the same sampler and the same draws as the trainer's own sampling code
-        torch.as_tensor(image.images),  # diffusers 0.34 returns "pt" output as numpy
+        images,
         generate(model, scheduler, [9], null_label=1000, num_inference_steps=2, generator=generator),
         rtol=0,
         atol=1e-4,
