@@ -13,27 +13,20 @@ and, with --random_flip, that of its mirrored copy too: under DP the unit of pri
 augmentation of an image must live in its row. Training draws a fresh `mean + std * randn` per step
 (`dp_utils.data.latent_cache.LatentDataset`).
 
-The input is split into shards of --shard_size images; each shard is saved, then marked finished, so a killed run
-resumes from the finished shards, and several processes (`accelerate launch`) split the shards between them. The main
-process then merges the shards in order into one dataset in --output_dir (`datasets.load_from_disk`) and writes
-`cache_info.json` last: a directory without it is not a finished cache. The format is described in
-dp_utils/data/latent_cache.py.
+The input is split into shards of --shard_size images; each is saved, then marked finished, so a killed run resumes
+from the finished shards and several processes split them. The main process merges the shards into one dataset
+(`datasets.load_from_disk`) and writes `cache_info.json` last: a folder without it is not a finished cache (format:
+dp_utils/data/latent_cache.py). Every run first fingerprints the input by content (SHA-256 of each image's bytes, name
+and label). Running the same command again does nothing on a finished cache of the same input, resumes an unfinished
+one (encoding again the finished shards whose images changed), and stops, saying what differs, on a cache of other
+images, settings, or a damaged one, unless --overwrite_output_dir is given.
 
-Every run first fingerprints the input by content: the SHA-256 of each image's bytes, with its name and label (the
-bytes are read, not decoded). Running the same command again:
-- on a finished cache of the same input does nothing; if the images, their names or labels changed, it stops and
-  says which, unless --overwrite_output_dir is given (then the cache is encoded again from scratch);
-- on an unfinished cache resumes it: finished shards whose images changed since are encoded again, so the cache
-  never mixes old and new images;
-- with other settings (resolution, VAE, ...) stops, unless --overwrite_output_dir is given.
-
-With --caption_column, each row also holds its caption's encoding by the frozen text encoders of a PixArt-alpha/Sigma
+With --caption_column each row also holds its caption's encoding by the frozen text encoders of a PixArt-alpha/Sigma
 or SD3 pipeline (dp_utils/data/captions.py, docs/text_to_image.md).
 
-Images of any mode become 8-bit RGB by the rules of dp_utils/data/images.py (16-bit by the type's range, 32-bit and
-float by a standard range that holds them or their own, transparency on white, EXIF orientation applied), then are
-resized and centre-cropped as DiT/ADM do. Unreadable images are skipped with a warning and listed in cache_info.json
-(--strict: an error); a class whose images are all unreadable stops the run, naming it, so the classes match the rows.
+Images of any mode become 8-bit RGB (dp_utils/data/images.py), resized and centre-cropped as DiT/ADM do. Unreadable
+images are skipped with a warning and listed in cache_info.json (--strict: an error); a class whose images are all
+unreadable stops the run, naming it.
 
 Mistakes in the flags or inputs stop the script before anything is written, with `error: <what and how to fix it>`
 and exit code 2.
@@ -44,11 +37,10 @@ import hashlib
 import json
 import logging
 import os
-import shlex
 import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import NoReturn
 
 import datasets
 import torch
@@ -59,73 +51,34 @@ from diffusers import AutoencoderKL
 from tqdm.auto import tqdm
 
 from dp_utils.data.captions import EMPTY_PROMPT_NAME, caption_encoders, read_captions
-from dp_utils.data.images import (
-    ImageSource,
-    content_digest,
-    load_image,
-    preprocess_image,
-    read_dataset,
-    read_image_folder,
-)
+from dp_utils.data.encoding import encode_shard
+from dp_utils.data.images import ImageSource, read_dataset, read_image_folder
 from dp_utils.data.latent_cache import (
     CACHE_FORMAT_VERSION,
     CACHE_INFO_NAME,
     SETTINGS_NAME,
     SHARDS_DIR,
     cache_features,
+    cache_info,
     check_shards,
     describe_change,
+    finished_shard,
+    load_latent_cache,
     merge_shards,
+    read_markers,
     read_output_dir,
     remove_cache,
     save_shard,
     settings_diff,
-    shard_marker,
     write_json,
 )
-from dp_utils.errors import UserError, run_script
+from dp_utils.errors import ArgumentParser, UserError, check_num_workers, check_writable_dir, run_script
 from dp_utils.training.distributed import check_world_size, run_on_cpu
+from dp_utils.training.pretrained import from_pretrained
 
 logger = get_logger(__name__)
 
 DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
-
-
-def to_model_input(pixels: torch.Tensor, flip: bool) -> torch.Tensor:
-    """`(B, H, W, 3)` uint8 -> `(B, V, 3, H, W)` float in [-1, 1], with the mirrored image as view 1 if `flip`."""
-    x = pixels.permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (B, 3, H, W)
-    views = [x, x.flip(-1)] if flip else [x]
-    return torch.stack(views, dim=1)  # (B, V, 3, H, W)
-
-
-@torch.no_grad()
-def encode_batch(vae: AutoencoderKL, x: torch.Tensor, scaling_factor: float, shift_factor: float) -> tuple:
-    """Latent mean and std of `x` `(N, 3, H, W)`, mapped as training expects: `(z - shift) * scaling_factor`."""
-    dist = vae.encode(x).latent_dist
-    return (dist.mean - shift_factor) * scaling_factor, dist.std * scaling_factor
-
-
-class ImageRows(torch.utils.data.Dataset):
-    """Input images `start..end` read and preprocessed in DataLoader workers.
-
-    Each item is `(i, uint8 (H, W, 3) or None, error or None, content digest)`: the digest is of the very bytes that
-    were decoded, so a shard's recorded fingerprint is that of what it holds.
-    """
-
-    def __init__(self, source: ImageSource, start: int, end: int, resolution: int) -> None:
-        self.source, self.start, self.end, self.resolution = source, start, end, resolution
-
-    def __len__(self) -> int:
-        return self.end - self.start
-
-    def __getitem__(self, k: int) -> tuple:
-        i, data = self.start + k, None
-        try:
-            data = self.source.read_bytes(i)
-            pixels = torch.from_numpy(preprocess_image(load_image(data), self.resolution))
-        except Exception as error:  # any failure to read or decode makes the file unusable; reported, not hidden
-            return i, None, f"{type(error).__name__}: {error}", content_digest(error if data is None else data)
-        return i, pixels, None, content_digest(data)
 
 
 def read_input(args: argparse.Namespace) -> ImageSource:
@@ -194,78 +147,8 @@ def fingerprint_shards(source: ImageSource, bounds: list[tuple], state: PartialS
     return [gathered[k] for k in range(len(bounds))]
 
 
-def encode_shard(
-    source: ImageSource,
-    start: int,
-    end: int,
-    args: argparse.Namespace,
-    vae: AutoencoderKL | None,
-    latent_shape: list[int],
-    progress: tqdm,
-    text_encoders=None,
-) -> tuple[dict[str, list], list[dict], str]:
-    """Encode input images `start..end`: the cache columns of the readable ones, what was skipped and why, and the
-    fingerprint of the bytes that were read."""
-    num_views = 2 if args.random_flip else 1
-    loader = torch.utils.data.DataLoader(
-        ImageRows(source, start, end, args.resolution),
-        batch_size=args.batch_size,
-        num_workers=args.dataloader_num_workers,
-        collate_fn=list,
-    )
-    rows = {"mean": [], "std": [], "label": [], "source": []}
-    skipped, digests = [], []
-    for batch in loader:
-        for i, _, error, digest in batch:
-            digests.append(digest)
-            if error is None:
-                continue
-            if args.strict:
-                raise UserError(
-                    f"Cannot read image {source.ids[i]}: {error}. Fix or remove it, or run without "
-                    "--strict to skip unreadable images."
-                )
-            logger.warning(f"Skipping unreadable image {source.ids[i]}: {error}", main_process_only=False)
-            skipped.append({"source": source.ids[i], "error": error})
-        good = [(i, pixels) for i, pixels, error, _ in batch if error is None]
-        progress.update(len(batch))
-        if not good:
-            continue
-        x = to_model_input(torch.stack([p for _, p in good]), args.random_flip)  # (B, V, 3, H, W)
-        if vae is None:
-            mean, std = x, None
-        else:
-            flat = x.flatten(0, 1).to(vae.device, dtype=vae.dtype)  # (B * V, 3, H, W)
-            mean, std = encode_batch(vae, flat, vae.config.scaling_factor, vae.config.get("shift_factor") or 0.0)
-            rows["std"].append(std.float().cpu().reshape(len(good), num_views, *latent_shape).numpy())
-        rows["mean"].append(mean.float().cpu().reshape(len(good), num_views, *latent_shape).numpy())
-        if source.labels is not None:
-            rows["label"] += [source.labels[i] for i, _ in good]
-        rows["source"] += [source.ids[i] for i, _ in good]
-        if text_encoders is not None:  # the caption's encoding joins its image's row
-            for encoded in text_encoders.encode([source.captions[i] for i, _ in good]):
-                for name, value in encoded.items():
-                    rows.setdefault(name, []).append(value)
-    return rows, skipped, source.fingerprint(start, end, digests)
-
-
-def make_state() -> PartialState:
-    """Accelerate's process state; several processes without a GPU share the work on CPU (gloo)."""
-    state = PartialState(cpu=run_on_cpu())
-    check_world_size(state.num_processes)
-    return state
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose errors are UserErrors: one line and exit code 2 through `run_script`, no usage dump."""
-
-    def error(self, message: str) -> NoReturn:
-        raise UserError(f"{message} (see --help)")
-
-
-def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
-    """Parse the command line."""
-    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_input_arguments(parser: argparse.ArgumentParser) -> None:
+    """Where the images come from."""
     data = parser.add_argument_group("input (give --dataset_name or --train_data_dir)")
     data.add_argument(
         "--dataset_name",
@@ -295,16 +178,14 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         type=str,
         default=None,
         help="Column of captions in --dataset_name, or the field of each line of metadata.jsonl in --train_data_dir "
-        '(as diffusers\' imagefolder: {"file_name": ..., "text": ...}): a text-to-image cache, whose rows hold '
-        "the caption's encoding by the frozen text encoders of --pretrained_model_name_or_path (PixArt-alpha/Sigma "
-        "or SD3). One (image, caption) row is the unit of privacy.",
+        "(as diffusers' imagefolder): a text-to-image cache whose rows hold the caption's encoding by the frozen "
+        "text encoders of --pretrained_model_name_or_path (PixArt or SD3). The unit of privacy: one (image, caption).",
     )
     data.add_argument(
         "--max_sequence_length",
         type=int,
         default=None,
-        help="T5 tokens per caption (default: the pipeline's: 300 PixArt-Sigma, 120 PixArt-alpha, 77 SD3 as "
-        "diffusers' SD3 LoRA script).",
+        help="T5 tokens per caption (default: the pipeline's: 300 PixArt-Sigma, 120 PixArt-alpha, 77 SD3).",
     )
     data.add_argument(
         "--train_data_dir",
@@ -313,6 +194,10 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         help="A folder with one sub-folder of images per class (labels from the sorted folder names), "
         "or a folder of images only (unconditional).",
     )
+
+
+def add_encoding_arguments(parser: argparse.ArgumentParser) -> None:
+    """How they are encoded."""
     model = parser.add_argument_group("encoding")
     model.add_argument(
         "--vae",
@@ -357,6 +242,10 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         default=0,
         help="Worker processes that decode and resize images (0: in the main process).",
     )
+
+
+def add_output_arguments(parser: argparse.ArgumentParser) -> None:
+    """Where the cache goes and how it is saved."""
     out = parser.add_argument_group("output")
     out.add_argument(
         "--output_dir",
@@ -387,24 +276,31 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         help="Stop on an unreadable image instead of skipping it (skips are listed in the metadata). Without it, a "
         "class whose images are all unreadable still stops the run, naming the class.",
     )
+
+
+def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
+    """Parse the command line and check the flags that need no file."""
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_input_arguments(parser)
+    add_encoding_arguments(parser)
+    add_output_arguments(parser)
     args = parser.parse_args(input_args)
     args.argv = list(sys.argv[1:] if input_args is None else input_args)
     if (args.dataset_name is None) == (args.train_data_dir is None):
         raise UserError("Give exactly one of --dataset_name or --train_data_dir.")
     if args.vae is not None and args.pretrained_model_name_or_path is not None:
         raise UserError("Give --vae or --pretrained_model_name_or_path (whose vae/ is used), not both.")
+    if args.train_data_dir is not None and args.label_column not in (None, "none"):
+        raise UserError("--label_column is for --dataset_name; --train_data_dir takes labels from its sub-folders.")
     if args.caption_column is not None and args.pretrained_model_name_or_path is None:
         raise UserError(
             "--caption_column needs --pretrained_model_name_or_path: the pipeline whose text encoders "
             "encode the captions (PixArt-alpha/Sigma or SD3)."
         )
-    if args.train_data_dir is not None and args.label_column not in (None, "none"):
-        raise UserError("--label_column is for --dataset_name; --train_data_dir takes labels from its sub-folders.")
     for flag in ("resolution", "batch_size", "shard_size"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag} must be positive, got {getattr(args, flag)}.")
-    if args.dataloader_num_workers < 0:
-        raise UserError(f"--dataloader_num_workers must be 0 or more, got {args.dataloader_num_workers}.")
+    check_num_workers(args.dataloader_num_workers)
     if args.mixed_precision is None:
         args.mixed_precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
         if args.mixed_precision not in ("no", "fp16", "bf16"):
@@ -414,26 +310,27 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(args: argparse.Namespace) -> None:
-    """Validate everything, encode this process's unfinished shards, then merge them on the main process."""
-    state = make_state()
-    # force: an imported library may already have configured the root logger, which would hide our INFO lines.
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO, force=True)
-    datasets.disable_progress_bars()  # one bar of our own instead of one per shard save
+@dataclass
+class CachePlan:
+    """What this run encodes and into what: fixed before anything is written."""
 
-    # Everything that can be wrong with the inputs is checked here, before anything is written.
-    output_dir = Path(args.output_dir).absolute()
-    shards_dir = output_dir / SHARDS_DIR
-    found, finished = read_output_dir(output_dir)
-    source = read_input(args)
-    vae_config, vae_kwargs = load_vae_config(args)
-    pixel_space = vae_config is None
-    factor = 1 if pixel_space else 2 ** (len(vae_config["block_out_channels"]) - 1)
-    channels = 3 if pixel_space else vae_config["latent_channels"]
-    latent_shape = [channels, args.resolution // factor, args.resolution // factor]
-    num_views = 2 if args.random_flip else 1
+    output_dir: Path
+    source: ImageSource
+    settings: dict  # what a resumed cache must have been made with
+    latent_shape: list[int]  # (C, H, W) of one view
+    bounds: list[tuple[int, int]]  # each shard's input images start..end
+    fingerprints: list[str]  # each shard's content fingerprint
+    input_fingerprint: str
+
+    @property
+    def shards_dir(self) -> Path:
+        return self.output_dir / SHARDS_DIR
+
+
+def cache_settings(args: argparse.Namespace, source: ImageSource, vae_kwargs: dict) -> dict:
+    """The settings that shape the rows: a cache made with other ones is not resumed."""
     vae_id = vae_kwargs.get("pretrained_model_name_or_path")
-    settings = {
+    return {
         "format_version": CACHE_FORMAT_VERSION,
         "input": os.path.abspath(args.train_data_dir) if args.train_data_dir else args.dataset_name,
         "dataset_config_name": args.dataset_config_name,
@@ -445,39 +342,128 @@ def main(args: argparse.Namespace) -> None:
         "vae_subfolder": vae_kwargs.get("subfolder"),
         "resolution": args.resolution,
         "flip": args.random_flip,
-        "mixed_precision": "no" if pixel_space else args.mixed_precision,
+        "mixed_precision": "no" if vae_id is None else args.mixed_precision,
         "shard_size": args.shard_size,
         "caption_column": args.caption_column,
         "max_sequence_length": args.max_sequence_length,
     }
-    replace = found is not None and found.get("settings") != settings
-    if replace and not args.overwrite_output_dir:
-        raise UserError(
-            f"--output_dir {output_dir} holds a cache made with different settings "
-            f"({settings_diff(found.get('settings') or {}, settings)}). Pick another --output_dir, or pass "
-            "--overwrite_output_dir to replace it."
-        )
 
-    num_shards = -(-len(source.ids) // args.shard_size)
-    bounds = [(k * args.shard_size, min((k + 1) * args.shard_size, len(source.ids))) for k in range(num_shards)]
+
+def plan_cache(
+    args: argparse.Namespace, state: PartialState, source: ImageSource, vae_config, vae_kwargs
+) -> CachePlan:
+    """Latent shape, shards and their fingerprints (read on every process) for this input."""
+    factor = 1 if vae_config is None else 2 ** (len(vae_config["block_out_channels"]) - 1)
+    channels = 3 if vae_config is None else vae_config["latent_channels"]
+    n, size = len(source.ids), args.shard_size
+    bounds = [(start, min(start + size, n)) for start in range(0, n, size)]
     fingerprints = fingerprint_shards(source, bounds, state)
-    input_fingerprint = hashlib.sha256(json.dumps([source.class_names, fingerprints]).encode()).hexdigest()
-    if finished and not replace:
-        if found.get("input_fingerprint") == input_fingerprint:
-            logger.info(f"{output_dir} already holds this finished cache of this input; nothing to do.")
-            return
-        if not args.overwrite_output_dir:
+    return CachePlan(
+        output_dir=Path(args.output_dir).absolute(),
+        source=source,
+        settings=cache_settings(args, source, vae_kwargs),
+        latent_shape=[channels, args.resolution // factor, args.resolution // factor],
+        bounds=bounds,
+        fingerprints=fingerprints,
+        input_fingerprint=hashlib.sha256(json.dumps([source.class_names, fingerprints]).encode()).hexdigest(),
+    )
+
+
+def replace_or_keep(args: argparse.Namespace, plan: CachePlan, found: dict | None, finished: bool) -> bool | None:
+    """Whether the cache in --output_dir must be replaced (False: resume or start it); None: it is done already."""
+    out, overwrite = plan.output_dir, args.overwrite_output_dir
+    if found is not None and "damaged" in found:
+        if not overwrite:
             raise UserError(
-                f"--output_dir {output_dir} holds a finished cache of a different input "
-                f"({describe_change(found, source, bounds, fingerprints)}). Pick another --output_dir to keep it, "
-                "or pass --overwrite_output_dir to encode the new input into it."
+                f"--output_dir {out} holds a damaged cache ({found['damaged']}). Pass --overwrite_output_dir to "
+                "encode it again, or pick another --output_dir."
             )
-        replace = True
+        return True
+    if found is not None and found.get("settings") != plan.settings:
+        if not overwrite:
+            raise UserError(
+                f"--output_dir {out} holds a cache made with different settings "
+                f"({settings_diff(found.get('settings') or {}, plan.settings)}). Pick another --output_dir, or pass "
+                "--overwrite_output_dir to replace it."
+            )
+        return True
+    if not finished:
+        return False
+    if found.get("input_fingerprint") != plan.input_fingerprint:
+        if not overwrite:
+            raise UserError(
+                f"--output_dir {out} holds a finished cache of a different input "
+                f"({describe_change(found, plan.source, plan.bounds, plan.fingerprints)}). Pick another --output_dir "
+                "to keep it, or pass --overwrite_output_dir to encode the new input into it."
+            )
+        return True
+    try:
+        load_latent_cache(out)  # its rows must be readable too
+    except UserError as error:
+        if not overwrite:
+            raise
+        logger.warning(f"{error} Encoding it again (--overwrite_output_dir).")
+        return True
+    return None
+
+
+def encode_my_shards(args, state: PartialState, plan: CachePlan, vae, features, text_encoders) -> None:
+    """Encode this process's shards that are not finished, or whose images changed since."""
+    mine = list(range(state.process_index, len(plan.bounds), state.num_processes))
+    encoded = {k: marker["fingerprint"] for k in mine if (marker := finished_shard(plan.shards_dir, k))}
+    changed = [k for k, fingerprint in encoded.items() if fingerprint != plan.fingerprints[k]]
+    if changed:
+        logger.warning(
+            f"The images of finished shards {changed} changed since they were encoded: encoding them again.",
+            main_process_only=False,
+        )
+    todo = [k for k in mine if encoded.get(k) != plan.fingerprints[k]]
+    logger.info(
+        f"{len(plan.source.ids)} images in {len(plan.bounds)} shards. Process {state.process_index} of "
+        f"{state.num_processes}: shards {mine}, {len(mine) - len(todo)} done before.",
+        main_process_only=False,
+    )
+    total = sum(plan.bounds[k][1] - plan.bounds[k][0] for k in todo)
+    progress = tqdm(total=total, desc="Encoding", disable=not state.is_local_main_process)
+    for k in todo:
+        rows, skipped, fingerprint = encode_shard(
+            plan.source, *plan.bounds[k], args, vae, plan.latent_shape, progress, text_encoders
+        )
+        save_shard(plan.shards_dir, k, rows, skipped, fingerprint, features)
+    progress.close()
+
+
+def main(args: argparse.Namespace) -> None:
+    """Validate everything, encode this process's unfinished shards, then merge them on the main process."""
+    state = PartialState(cpu=run_on_cpu())  # several processes without a GPU share the work on CPU (gloo)
+    check_world_size(state.num_processes)
+    # force: an imported library may already have configured the root logger, which would hide our INFO lines.
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO, force=True)
+    datasets.disable_progress_bars()  # one bar of our own instead of one per shard save
+
+    # Everything that can be wrong with the inputs is checked here, before anything is written.
+    found, finished = read_output_dir(Path(args.output_dir).absolute())
+    if args.cache_dir:
+        check_writable_dir("--cache_dir", args.cache_dir)
+    source = read_input(args)
+    vae_config, vae_kwargs = load_vae_config(args)
+    plan = plan_cache(args, state, source, vae_config, vae_kwargs)
+    replace = replace_or_keep(args, plan, found, finished)
+    if replace is None:
+        logger.info(f"{plan.output_dir} already holds this finished cache of this input; nothing to do.")
+        return
     vae = None
-    if not pixel_space:
+    if vae_config is not None:
         dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
-        vae = AutoencoderKL.from_pretrained(**vae_kwargs, torch_dtype=dtype).to(state.device).requires_grad_(False)
-    features = cache_features((num_views, *latent_shape), pixel_space, source.class_names)
+        kwargs = dict(vae_kwargs, torch_dtype=dtype)
+        path, flag = (
+            kwargs.pop("pretrained_model_name_or_path"),
+            "--vae" if args.vae else "--pretrained_model_name_or_path",
+        )
+        vae = from_pretrained(AutoencoderKL, path, flag, **kwargs)
+        vae.to(state.device).requires_grad_(False)
+    num_views = 2 if args.random_flip else 1
+    features = cache_features((num_views, *plan.latent_shape), vae is None, source.class_names)
     text_encoders = caption_encoders(args, state.device, vae.dtype if vae is not None else torch.float32)
     if text_encoders is not None:
         features.update(text_encoders.features())
@@ -485,74 +471,26 @@ def main(args: argparse.Namespace) -> None:
     state.wait_for_everyone()  # every process has read the old cache before the main one replaces it
     if state.is_main_process:
         if replace:
-            logger.warning(f"--overwrite_output_dir: replacing the cache in {output_dir}.")
-            remove_cache(output_dir)
-        shards_dir.mkdir(parents=True, exist_ok=True)
-        write_json(shards_dir / SETTINGS_NAME, settings)
+            logger.warning(f"--overwrite_output_dir: replacing the cache in {plan.output_dir}.")
+            remove_cache(plan.output_dir)
+        plan.shards_dir.mkdir(parents=True, exist_ok=True)
+        write_json(plan.shards_dir / SETTINGS_NAME, plan.settings)
     state.wait_for_everyone()
-
-    mine = list(range(state.process_index, num_shards, state.num_processes))
-    markers = {k: shard_marker(shards_dir, k) for k in mine}
-    encoded = {k: json.loads(markers[k].read_text()).get("fingerprint") for k in mine if markers[k].is_file()}
-    changed = [k for k, fingerprint in encoded.items() if fingerprint != fingerprints[k]]
-    if changed:
-        logger.warning(
-            f"The images of finished shards {changed} changed since they were encoded: encoding them again.",
-            main_process_only=False,
-        )
-    todo = [k for k in mine if encoded.get(k) != fingerprints[k]]
-    logger.info(
-        f"{len(source.ids)} images in {num_shards} shards. Process {state.process_index} of "
-        f"{state.num_processes}: shards {mine}, {len(mine) - len(todo)} done before.",
-        main_process_only=False,
-    )
-    progress = tqdm(
-        total=sum(bounds[k][1] - bounds[k][0] for k in todo), desc="Encoding", disable=not state.is_local_main_process
-    )
-    for k in todo:
-        rows, skipped, fingerprint = encode_shard(source, *bounds[k], args, vae, latent_shape, progress, text_encoders)
-        save_shard(shards_dir, k, rows, skipped, fingerprint, features)
-    progress.close()
+    encode_my_shards(args, state, plan, vae, features, text_encoders)
     state.wait_for_everyone()
 
     # Every process checks, so that all of them stop together on an error.
-    done = [json.loads(shard_marker(shards_dir, k).read_text()) for k in range(num_shards)]
-    skipped = check_shards(source, done, bounds, fingerprints)
+    markers = read_markers(plan.shards_dir, len(plan.bounds))
+    skipped = check_shards(source, markers, plan.bounds, plan.fingerprints)
     if state.is_main_process:
-        merged = merge_shards(output_dir, done)
+        merged = merge_shards(plan.output_dir, markers)
         if text_encoders is not None:  # caption dropout's stand-in
-            text_encoders.save_empty_prompt(output_dir / EMPTY_PROMPT_NAME)
-        info = {
-            "format_version": CACHE_FORMAT_VERSION,
-            "num_rows": len(merged),
-            "latent_shape": latent_shape,
-            "channels": channels,
-            "num_views": num_views,
-            "flip": args.random_flip,
-            "resolution": args.resolution,
-            "pixel_space": pixel_space,
-            "vae": settings["vae"],
-            "vae_subfolder": settings["vae_subfolder"],
-            "scaling_factor": None if vae is None else vae.config.scaling_factor,
-            "shift_factor": None if vae is None else vae.config.get("shift_factor"),
-            "mixed_precision": settings["mixed_precision"],
-            "conditional": source.labels is not None,
-            "num_classes": len(source.class_names) if source.class_names else 0,
-            "class_names": source.class_names,
-            "class_to_index": {c: k for k, c in enumerate(source.class_names)} if source.class_names else None,
-            "columns": {name: str(feature) for name, feature in features.items()},
-            "num_skipped": len(skipped),
-            "skipped": skipped,
-            "command": shlex.join(["python", "precompute_latents.py", *args.argv]),
-            "settings": settings,
-            "num_inputs": len(source.ids),
-            "input_fingerprint": input_fingerprint,
-            "shard_fingerprints": fingerprints,
-            "captions": text_encoders.describe() if text_encoders is not None else None,
-        }
-        write_json(output_dir / CACHE_INFO_NAME, info)  # last: its presence means the cache is finished
-        shutil.rmtree(shards_dir)
-        logger.info(f"Wrote {len(merged)} rows to {output_dir}; skipped {len(skipped)} unreadable images.")
+            text_encoders.save_empty_prompt(plan.output_dir / EMPTY_PROMPT_NAME)
+        info = cache_info(args, plan, features, vae, len(merged), skipped)
+        info["captions"] = text_encoders.describe() if text_encoders is not None else None
+        write_json(plan.output_dir / CACHE_INFO_NAME, info)  # last: its presence means the cache is finished
+        shutil.rmtree(plan.shards_dir)
+        logger.info(f"Wrote {len(merged)} rows to {plan.output_dir}; skipped {len(skipped)} unreadable images.")
     state.wait_for_everyone()
 
 

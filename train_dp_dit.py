@@ -51,7 +51,14 @@ from dp_utils.training.arguments import build_parser
 from dp_utils.training.attention import set_attention_backend
 from dp_utils.training.augmentation import augment
 from dp_utils.training.batches import PhysicalBatch, PhysicalBatchDataset, physical_batch_keys, physical_batch_loader
-from dp_utils.training.checkpoints import TrainState, register_pretrained_hooks, resolve_checkpoint, save_checkpoint
+from dp_utils.training.checkpoints import (
+    TrainState,
+    load_checkpoint,
+    register_pretrained_hooks,
+    resolve_checkpoint,
+    save_checkpoint,
+    what_is_trained,
+)
 from dp_utils.training.checks import (
     check_data,
     check_flags,
@@ -68,7 +75,7 @@ from dp_utils.training.hub import create_model_repo, push_to_hub
 from dp_utils.training.model import checkpoint_id2label, disable_label_dropout, fit_label_table
 from dp_utils.training.optimizers import build_optimizer, check_noise_std, dp_noise_std
 from dp_utils.training.outputs import log_validation, save_pipeline
-from dp_utils.training.plan import RunPlan, plan_run, privacy_ledger, privacy_report, training_summary
+from dp_utils.training.plan import RunPlan, plan_run, privacy_parameters, privacy_report, training_summary
 from dp_utils.training.pretrained import load_model
 from dp_utils.training.recipe import training_recipe
 from dp_utils.training.released import noise_source, private_metrics, public_config
@@ -221,10 +228,10 @@ def cuda_graphs_wanted(args, accelerator) -> bool:
 
 def restore_or_begin(args, accelerator, run: Run, resume: Path | None) -> None:
     """Resume from a checkpoint (the budget continues), or clear what --overwrite_output_dir replaces; trackers."""
-    register_pretrained_hooks(accelerator, run.transformer, run.ema)
+    register_pretrained_hooks(accelerator, run.transformer, run.ema, what_is_trained(args))
     accelerator.register_for_checkpointing(run.optimizer, run.lr_scheduler, run.state, run.randomness)  # secret
     if resume is not None:
-        accelerator.load_state(str(resume))
+        load_checkpoint(accelerator, resume)
         run.optimizer.privacy_engine.accountant.history = [tuple(h) for h in run.state.accountant_history]
         logger.info(f"Resumed from {resume} at step {run.state.step}.")
     if run.state.step >= run.plan.max_train_steps:
@@ -403,7 +410,7 @@ def finish(args, accelerator, run: Run, epsilon: float, repo_id: str | None) -> 
             run.plan,
             epsilon,
             run.state.step,
-            run.state.privacy,
+            run.state.privacy_parameters,
             accountant=args.accountant,
             grad_sample_mode=args.grad_sample_mode,
             **asdict(run.trained),
@@ -429,7 +436,10 @@ def finish(args, accelerator, run: Run, epsilon: float, repo_id: str | None) -> 
 
 def main(args):
     accelerator = start_accelerator(args)
-    resume = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir) if args.resume_from_checkpoint else None
+    repo_id = create_model_repo(args.output_dir, args.hub_model_id, args.hub_token) if args.push_to_hub else None
+    resume = None
+    if args.resume_from_checkpoint:
+        resume = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir, what_is_trained(args))
     transformer, scheduler, vae, dataset, null_label = open_data_and_model(args)
     timestep_range(args, scheduler.config.num_train_timesteps)  # refused before any compute
     if args.public_finisher_steps:
@@ -438,7 +448,6 @@ def main(args):
     check_data(args, plan.num_images, dataset.num_classes, dataset.conditional, plan.delta)
     for warning in run_warnings(plan.num_images, args.logical_batch_size, plan.delta):
         logger.warning(warning)
-    repo_id = create_model_repo(args.output_dir, args.hub_model_id, args.hub_token) if args.push_to_hub else None
 
     randomness = DPRandomness(args.noise_seed, accelerator.device)  # the DP noise and batches: never from --seed
     if randomness.reproducible:
@@ -462,8 +471,8 @@ def main(args):
             model_cls=type(transformer),
             model_config=transformer.config,
         )
-    ledger = privacy_ledger(plan, optimizer.noise_multiplier, args.max_grad_norm, args.noise_multiplicity)
-    state = TrainState(ledger)
+    parameters = privacy_parameters(plan, optimizer.noise_multiplier, args.max_grad_norm, args.noise_multiplicity)
+    state = TrainState(parameters)
     run = Run(
         transformer,
         model,
@@ -482,7 +491,7 @@ def main(args):
     )
     restore_or_begin(args, accelerator, run, resume)
     physical = f"{args.max_physical_batch_size} per process, {accelerator.num_processes} process(es)"
-    logger.info(training_summary(plan, ledger, args.accountant, transformer, physical, state.step))
+    logger.info(training_summary(plan, state.privacy_parameters, args.accountant, transformer, physical, state.step))
     logger.info(f"DP-SGD is {trained.describe()}.")
     epsilon = train(args, accelerator, run)
     finish(args, accelerator, run, epsilon, repo_id)

@@ -2,15 +2,65 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
+from typing import NoReturn
 
 
 class UserError(ValueError):
     """Something the user can fix; the message names the problem and the fix. Scripts exit with code 2."""
+
+
+def one_line(error: BaseException) -> str:
+    """An exception as one short line, for a message that says what could not be read."""
+    reason = " ".join(str(error).split()) or type(error).__name__
+    return f"{type(error).__name__}: {reason}"[:300]
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are UserErrors: one `error:` line and exit code 2 through `run_script`, no usage dump."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UserError(f"{message} (see --help)")
+
+
+def check_writable_dir(flag: str, path: str | os.PathLike) -> None:
+    """Refuse a folder that cannot be created or written, by trying: the missing folders are made, probed with an
+    unnamed file and removed again, so nothing is left behind (root passes any `os.access` test, so ask the disk)."""
+    target = Path(path).expanduser().absolute()
+    created = []
+    try:
+        for folder in [*reversed(target.parents), target]:
+            if folder.is_file():
+                raise UserError(f"{flag} {path}: {folder} is a file, not a folder; give another path.")
+            if not folder.exists():
+                folder.mkdir()
+                created.append(folder)
+        with tempfile.TemporaryFile(dir=target):
+            pass
+    except OSError as error:
+        raise UserError(
+            f"{flag} {path} cannot be created or written ({error.strerror or error}); give a folder you can write."
+        ) from None
+    finally:
+        for folder in reversed(created):
+            folder.rmdir()
+
+
+def check_num_workers(num_workers: int) -> None:
+    """DataLoader workers: each is a process, so a count far beyond the CPUs would exhaust the machine."""
+    most = 4 * (os.cpu_count() or 1)
+    if not 0 <= num_workers <= most:
+        raise UserError(
+            f"--dataloader_num_workers must be in 0..{most} (4 per CPU here; each worker is a process), got "
+            f"{num_workers}."
+        )
 
 
 def run_script(main: Callable[[], object]) -> int:

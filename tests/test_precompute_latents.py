@@ -15,6 +15,7 @@ from conftest import CORRUPT_FILES, NUM_DIGITS, PHOTO_FILES, REPO_ROOT, free_por
 from diffusers import AutoencoderKL
 from PIL import Image
 
+import dp_utils.data.encoding
 import precompute_latents
 from dp_utils.data.images import load_image, preprocess_image
 from dp_utils.data.latent_cache import CACHE_INFO_NAME, CacheNotFoundError, load_latent_cache
@@ -107,7 +108,7 @@ def test_latent_mean_and_std_equal_the_vae_encoding(photo_cache, photo_dir, tiny
 def test_resume_after_a_killed_run_gives_the_same_cache(tmp_path, photo_cache, photo_cache_args, monkeypatch):
     out = tmp_path / "cache"
     calls = []
-    real_encode = precompute_latents.encode_batch
+    real_encode = dp_utils.data.encoding.encode_batch
 
     def crash_in_second_shard(*args, **kwargs):
         calls.append(1)
@@ -115,7 +116,7 @@ def test_resume_after_a_killed_run_gives_the_same_cache(tmp_path, photo_cache, p
             raise KeyboardInterrupt
         return real_encode(*args, **kwargs)
 
-    monkeypatch.setattr(precompute_latents, "encode_batch", crash_in_second_shard)
+    monkeypatch.setattr(dp_utils.data.encoding, "encode_batch", crash_in_second_shard)
     with pytest.raises(KeyboardInterrupt):
         run_precompute(photo_cache_args + ["--output_dir", out])
     assert sorted(p.name for p in (out / "shards").iterdir()) == ["00000", "00000.done.json", "settings.json"]
@@ -126,7 +127,8 @@ def test_resume_after_a_killed_run_gives_the_same_cache(tmp_path, photo_cache, p
     (out / "shards/00001.tmp/junk.arrow").write_bytes(b"half")
 
     calls.clear()
-    monkeypatch.setattr(precompute_latents, "encode_batch", lambda *a, **k: calls.append(1) or real_encode(*a, **k))
+    counted = lambda *a, **k: calls.append(1) or real_encode(*a, **k)  # noqa: E731
+    monkeypatch.setattr(dp_utils.data.encoding, "encode_batch", counted)
     run_precompute(photo_cache_args + ["--output_dir", out])
     assert len(calls) == 4  # shard 0 was not encoded again; shards 1 and 2 took two batches each
     resumed, resumed_info = read_cache(out)
@@ -287,8 +289,8 @@ def no_encoding(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("encoded before validating the input")
 
-    monkeypatch.setattr(precompute_latents, "encode_batch", fail)
-    monkeypatch.setattr(precompute_latents, "to_model_input", fail)
+    monkeypatch.setattr(dp_utils.data.encoding, "encode_batch", fail)
+    monkeypatch.setattr(dp_utils.data.encoding, "to_model_input", fail)
 
 
 def test_resolution_not_a_multiple_of_the_vae_factor(tmp_path, photo_dir, tiny_vae_path, no_encoding):
@@ -453,7 +455,7 @@ def test_rerun_after_the_dataset_changed_is_refused_then_overwritten(tmp_path, d
     assert rows["label"].tolist() == datasets.load_from_disk(str(data))["label"]
     assert info["num_inputs"] == 12 and len(info["shard_fingerprints"]) == 1
 
-    monkeypatch.setattr(precompute_latents, "to_model_input", lambda *a: pytest.fail("encoded an unchanged input"))
+    monkeypatch.setattr(dp_utils.data.encoding, "to_model_input", lambda *a: pytest.fail("encoded an unchanged input"))
     run_precompute([*argv, "--overwrite_output_dir"])  # the cache matches its input: kept, even with the flag
 
     info = json.loads((out / CACHE_INFO_NAME).read_text())
@@ -516,7 +518,7 @@ def edit_in_place(path) -> None:
 
 def count_encoded(monkeypatch, crash_at: int | None = None) -> list:
     """Count the batches encoded (one per shard here); raise KeyboardInterrupt at batch `crash_at`."""
-    calls, real = [], precompute_latents.to_model_input
+    calls, real = [], dp_utils.data.encoding.to_model_input
 
     def counted(*args, **kwargs):
         calls.append(1)
@@ -524,7 +526,7 @@ def count_encoded(monkeypatch, crash_at: int | None = None) -> list:
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(precompute_latents, "to_model_input", counted)
+    monkeypatch.setattr(dp_utils.data.encoding, "to_model_input", counted)
     return calls
 
 
@@ -649,12 +651,12 @@ def run_cli(argv, capsys) -> tuple[int, str]:
         ("no_output_dir", r"the following arguments are required: --output_dir \(see --help\)"),
         ("bad_int", r"argument --resolution: invalid int value: 'abc'"),
         ("bad_choice", r"argument --mixed_precision: invalid choice: 'fp8'"),
-        ("negative_workers", r"--dataloader_num_workers must be 0 or more, got -1"),
+        ("negative_workers", r"--dataloader_num_workers must be in 0\.\.\d+ \(4 per CPU here.*got -1"),
         ("missing_folder", r"--train_data_dir .*nowhere is not a directory"),
         ("missing_dataset", r"Could not load split 'train' of --dataset_name .*nowhere"),
         ("missing_vae", r"Could not load the VAE .*no_vae.*--vae none for pixels"),
-        ("output_is_a_file", r"--output_dir .*file\.txt: .*file\.txt is a file, not a directory"),
-        ("output_under_a_file", r"--output_dir .*file\.txt/cache: .*file\.txt is a file, not a directory"),
+        ("output_is_a_file", r"--output_dir .*file\.txt: .*file\.txt is a file, not a folder"),
+        ("output_under_a_file", r"--output_dir .*file\.txt/cache: .*file\.txt is a file, not a folder"),
         ("no_images", r"--train_data_dir .*empty holds no images"),
     ],
 )

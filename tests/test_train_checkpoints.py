@@ -30,17 +30,27 @@ class OneProcess:
         (Path(output_dir) / "optimizer.bin").write_text("optimizer")
 
 
+TRAINED = dict(trainable="full", embedders="train", lora_rank=None, lora_alpha=None, lora_target_modules=None)
+
+
 def test_latest_skips_temporary_and_foreign_folders(tmp_path):
     for name in ("checkpoint-2", "checkpoint-10", "checkpoint-best", "checkpoint-12.tmp", ".incomplete-checkpoint-14"):
-        (tmp_path / name).mkdir()
+        (tmp_path / name / "transformer").mkdir(parents=True)
+        (tmp_path / name / "random_states_0.pkl").write_bytes(b"")
+        (tmp_path / name / "trained.json").write_text(json.dumps(TRAINED))
     (tmp_path / "checkpoint-13").write_text("a file, not a checkpoint")
     assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-10"]  # by step, not name
-    assert resolve_checkpoint("latest", tmp_path) == tmp_path / "checkpoint-10"
-    assert resolve_checkpoint("checkpoint-2", tmp_path) == tmp_path / "checkpoint-2"  # relative to output_dir
+    assert resolve_checkpoint("latest", tmp_path, TRAINED) == tmp_path / "checkpoint-10"
+    assert resolve_checkpoint("checkpoint-2", tmp_path, TRAINED) == tmp_path / "checkpoint-2"  # relative to output_dir
     with pytest.raises(UserError, match="no complete checkpoint-<step> folder"):
-        resolve_checkpoint("latest", tmp_path / "empty")
+        resolve_checkpoint("latest", tmp_path / "empty", TRAINED)
     with pytest.raises(UserError, match="no such checkpoint folder"):
-        resolve_checkpoint(str(tmp_path / "checkpoint-99"), tmp_path)
+        resolve_checkpoint(str(tmp_path / "checkpoint-99"), tmp_path, TRAINED)
+    with pytest.raises(UserError, match="was trained with --trainable full; this run has --trainable attention"):
+        resolve_checkpoint("latest", tmp_path, {**TRAINED, "trainable": "attention"})
+    (tmp_path / "checkpoint-10" / "random_states_0.pkl").unlink()
+    with pytest.raises(UserError, match="is not a checkpoint of train_dp_dit.py"):
+        resolve_checkpoint("latest", tmp_path, TRAINED)
 
 
 def test_a_killed_save_keeps_the_previous_checkpoint(tmp_path):

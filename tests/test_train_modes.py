@@ -8,8 +8,8 @@ from diffusers import DiTTransformer2DModel
 from opacus.accountants import PRVAccountant
 from test_train_dp_dit import pixel_args, run_in_process, transformer_weights
 
-# Noise-free steps with every gradient clipped (C = 0.01), 16 images per logical batch in pieces of 6, the same
-# batches (--noise_seed): the weights depend only on the clipped sums, which every mode must compute alike.
+# Noise-free steps with every gradient clipped (C = 0.01), 16 images per logical batch in physical batches of 6, the
+# same batches (--noise_seed): the weights depend only on the clipped sums, which every mode must compute alike.
 CLIPPED = ["--noise_multiplier", 0, "--max_grad_norm", 0.01, "--max_train_steps", 2, "--embedders", "freeze"]
 CLIPPED += ["--report_to", "none", "--checkpointing_steps", 0, "--noise_seed", 0]  # the same batches in every run
 
@@ -39,7 +39,7 @@ def test_opacus_modes_train_like_flash_bk(tmp_path, pixel_pipeline, digits_cache
 
 
 def test_opacus_hooks_accounts_one_batch_per_step(tmp_path, pixel_pipeline, digits_cache):
-    """Three pieces per logical batch are one Poisson batch at q = 1/8 for the accountant, not q = 3/8."""
+    """Three physical batches per logical batch are one Poisson batch at q = 1/8 for the accountant, not q = 3/8."""
     out = tmp_path / "out"
     flags = ["--noise_multiplier", 1, "--max_train_steps", 2, "--grad_sample_mode", "opacus_hooks"]
     run_in_process(*pixel_args(pixel_pipeline, digits_cache, out, *flags, "--report_to", "none"))

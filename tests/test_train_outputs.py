@@ -1,14 +1,14 @@
 """What the trainer shows and writes beyond the weights: --help, the model card, the Hub upload, data-loading flags."""
 
 import json
+import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 from conftest import REPO_ROOT
-from huggingface_hub.utils import filter_repo_objects
+from diffusers import DiTPipeline
 from test_train_dp_dit import pixel_args, run_in_process, transformer_weights
 
 import dp_utils.training.hub
@@ -42,30 +42,31 @@ def test_an_image_folder_given_as_the_cache_gets_the_precompute_command(tmp_path
 def test_push_to_hub_uploads_the_model_but_never_checkpoints_or_logs(
     tmp_path, pixel_pipeline, digits_cache, monkeypatch
 ):
-    calls = {}
+    """The real push_to_hub, with a local folder as the Hub: what it hands upload_folder is what a user downloads."""
+    hub = tmp_path / "hub"
 
     def create_repo(repo_id, exist_ok, token):
-        calls["created"] = repo_id
         return type("RepoUrl", (), {"repo_id": f"user/{repo_id}"})
 
-    def upload_folder(*, repo_id, folder_path, ignore_patterns, **kwargs):  # what upload_folder would send
-        folder = Path(folder_path)
-        files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
-        calls["uploaded"] = (repo_id, list(filter_repo_objects(files, ignore_patterns=ignore_patterns)))
+    def upload_folder(*, repo_id, folder_path, **kwargs):  # the Hub keeps every file of the folder it is given
+        shutil.copytree(folder_path, hub / repo_id)
 
+    monkeypatch.setenv("HF_TOKEN", "hf_local")  # read at call time by huggingface_hub.get_token
     monkeypatch.setattr(dp_utils.training.hub, "create_repo", create_repo)
     monkeypatch.setattr(dp_utils.training.hub, "upload_folder", upload_folder)
     out = tmp_path / "out"
     flags = [*FAST, "--checkpointing_steps", 1, "--report_to", "tensorboard", "--validation_steps", 2]
     run_in_process(*pixel_args(pixel_pipeline, digits_cache, out, *flags, "--push_to_hub"))
-    assert calls["created"] == "out"  # the output folder's name, as diffusers' scripts default it
-    repo_id, files = calls["uploaded"]
-    assert repo_id == "user/out" and (out / "checkpoint-1").is_dir() and list((out / "logs").rglob("*.tfevents.*"))
-    assert not [f for f in files if f.startswith(("checkpoint-", "logs/"))]
-    assert {"model_index.json", "README.md", "privacy_report.json", "samples/step-000002.png"} <= set(files)
-    assert "transformer/diffusion_pytorch_model.safetensors" in files and "vae/config.json" in files
-    assert files == dp_utils.training.hub.files_to_upload(out, "logs")
-    assert "DiTPipeline.from_pretrained('user/out')" in (out / "README.md").read_text()
+    assert (out / "checkpoint-1").is_dir() and list((out / "logs").rglob("*.tfevents.*"))  # kept locally
+    uploaded = hub / "user/out"  # the output folder's name, as diffusers' scripts default it
+    files = {p.relative_to(uploaded).as_posix() for p in uploaded.rglob("*") if p.is_file()}
+    assert not [f for f in files if f.startswith(("checkpoint-", "logs/", ".upload-"))]
+    assert {"model_index.json", "README.md", "privacy_report.json", "samples/step-000002.png"} <= files
+    local = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
+    assert files == {f for f in local if not f.startswith(("checkpoint-", "logs/"))}
+    pipe = DiTPipeline.from_pretrained(uploaded)
+    assert pipe.get_label_ids(["3"]) == [3]
+    assert "DiTPipeline.from_pretrained('user/out')" in (uploaded / "README.md").read_text()
 
 
 def test_max_train_samples_sets_n_and_workers_build_the_same_batches(tmp_path, pixel_pipeline, digits_cache):

@@ -226,8 +226,8 @@ def read_dataset(
             dataset = datasets.load_from_disk(name)
         else:
             dataset = datasets.load_dataset(name, config_name, data_dir=data_dir, split=split, cache_dir=cache_dir)
-    except (ValueError, IndexError, FileNotFoundError, ConnectionError) as error:
-        # datasets refuses empty splits and unknown names; an empty save_to_disk cannot be read
+    except (ValueError, IndexError, OSError) as error:
+        # datasets refuses empty splits and unknown names; a save_to_disk folder may be empty, truncated or edited
         raise UserError(f"Could not load split '{split}' of --dataset_name {name}: {error!r}") from error
     if isinstance(dataset, datasets.DatasetDict):
         if split not in dataset:

@@ -21,6 +21,7 @@ bytes it encoded).
 
 import json
 import os
+import shlex
 import shutil
 from collections import Counter
 from collections.abc import Mapping
@@ -31,7 +32,7 @@ import datasets
 import numpy as np
 import torch
 
-from ..errors import UserError
+from ..errors import UserError, check_writable_dir, one_line
 from .images import IMAGE_EXTENSIONS, ImageSource
 
 CACHE_INFO_NAME = "cache_info.json"
@@ -56,8 +57,22 @@ def cache_features(shape: tuple, pixel_space: bool, class_names: list[str] | Non
     return datasets.Features(features)
 
 
+# What reading a missing, truncated or edited file raises: json (ValueError), pyarrow (OSError, ArrowInvalid is a
+# ValueError), datasets (FileNotFoundError, ValueError), a metadata file without an expected key (KeyError, TypeError).
+DAMAGED = (OSError, ValueError, KeyError, TypeError)
+INFO_KEYS = ("num_rows", "latent_shape", "num_views", "pixel_space", "conditional", "num_classes", "class_names")
+
+
+def read_json(path: Path) -> dict:
+    """A JSON object from `path`; a file that is not one raises ValueError."""
+    data = json.loads(path.read_text())
+    if not isinstance(data, dict):
+        raise ValueError(f"{path.name} holds {type(data).__name__}, not a JSON object")
+    return data
+
+
 def load_latent_cache(cache_dir: str | os.PathLike) -> tuple[datasets.Dataset, dict[str, Any]]:
-    """Open a finished latent cache: its rows (memory-mapped) and its metadata."""
+    """Open a finished latent cache: its rows (memory-mapped) and its metadata; a damaged cache is a UserError."""
     cache_dir = Path(cache_dir)
     info_path = cache_dir / CACHE_INFO_NAME
     if not info_path.is_file():
@@ -74,13 +89,28 @@ def load_latent_cache(cache_dir: str | os.PathLike) -> tuple[datasets.Dataset, d
             f"No finished latent cache at {cache_dir}: {info_path} is missing{unfinished}. "
             f"Create it with `python precompute_latents.py --output_dir {cache_dir} ...` (see --help)."
         )
-    info = json.loads(info_path.read_text())
-    if info.get("format_version") != CACHE_FORMAT_VERSION:
+    try:
+        info = read_json(info_path)
+        if info.get("format_version") != CACHE_FORMAT_VERSION:
+            raise UserError(
+                f"The latent cache at {cache_dir} has format version {info.get('format_version')}, this code reads "
+                f"version {CACHE_FORMAT_VERSION}; re-create it with this version of precompute_latents.py."
+            )
+        missing = [key for key in INFO_KEYS if key not in info]
+        if missing:
+            raise KeyError(f"{CACHE_INFO_NAME} lacks {', '.join(missing)}")
+        dataset = datasets.load_from_disk(str(cache_dir))
+        columns = ["mean"] + ([] if info["pixel_space"] else ["std"]) + (["label"] if info["conditional"] else [])
+        absent = [c for c in columns if c not in dataset.column_names]
+        if absent:
+            raise KeyError(f"the rows lack the column(s) {', '.join(absent)}")
+    except UserError:
+        raise
+    except DAMAGED as error:
         raise UserError(
-            f"The latent cache at {cache_dir} has format version {info.get('format_version')}, this code reads "
-            f"version {CACHE_FORMAT_VERSION}; re-create it with this version of precompute_latents.py."
-        )
-    dataset = datasets.load_from_disk(str(cache_dir))
+            f"The latent cache at {cache_dir} is damaged ({one_line(error)}). Re-create it: run precompute_latents.py "
+            f"again with --output_dir {cache_dir} --overwrite_output_dir."
+        ) from None
     if len(dataset) != info["num_rows"]:
         raise UserError(
             f"The latent cache at {cache_dir} has {len(dataset)} rows but {CACHE_INFO_NAME} says {info['num_rows']}; "
@@ -100,17 +130,20 @@ def holds_images(folder: Path) -> bool:
 def read_output_dir(output_dir: Path) -> tuple[dict | None, bool]:
     """What `output_dir` holds: a cache's info (`{"settings": ...}` only if unfinished) or None, and if finished.
 
-    Raise if it cannot be written or holds something that is not a latent cache.
+    A cache whose metadata cannot be read comes back as `{"settings": None, "damaged": why}`. Raise if the folder
+    cannot be written or holds something that is not a latent cache.
     """
-    existing = next(p for p in [output_dir, *output_dir.parents] if p.exists())
-    if not existing.is_dir():
-        raise UserError(f"--output_dir {output_dir}: {existing} is a file, not a directory; pick another path.")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"--output_dir {output_dir}: {existing} is not writable; pick a directory you can write.")
+    check_writable_dir("--output_dir", output_dir)
     if (output_dir / CACHE_INFO_NAME).is_file():
-        return json.loads((output_dir / CACHE_INFO_NAME).read_text()), True
+        try:
+            return read_json(output_dir / CACHE_INFO_NAME), True
+        except DAMAGED as error:
+            return {"settings": None, "damaged": one_line(error)}, True
     if (output_dir / SHARDS_DIR / SETTINGS_NAME).is_file():
-        return {"settings": json.loads((output_dir / SHARDS_DIR / SETTINGS_NAME).read_text())}, False
+        try:
+            return {"settings": read_json(output_dir / SHARDS_DIR / SETTINGS_NAME)}, False
+        except DAMAGED as error:
+            return {"settings": None, "damaged": one_line(error)}, False
     if output_dir.is_dir() and any(output_dir.iterdir()):
         raise UserError(f"--output_dir {output_dir} is not empty and holds no latent cache; pick an empty directory.")
     return None, False
@@ -140,6 +173,33 @@ def write_json(path: Path, data: dict) -> None:
 def shard_marker(shards_dir: Path, k: int) -> Path:
     """The file whose presence marks shard `k` finished: its row count, skipped images and content fingerprint."""
     return shards_dir / f"{k:05d}.done.json"
+
+
+def finished_shard(shards_dir: Path, k: int) -> dict | None:
+    """Shard `k`'s marker if the shard is finished and its rows can be read; None if it must be encoded (again)."""
+    try:
+        marker = read_json(shard_marker(shards_dir, k))
+        if not {"rows", "skipped", "fingerprint"} <= marker.keys():
+            return None
+        if marker["rows"]:
+            rows = datasets.load_from_disk(str(shards_dir / f"{k:05d}"))
+            if len(rows) != marker["rows"]:
+                raise ValueError(f"{len(rows)} rows, the marker says {marker['rows']}")
+    except DAMAGED:
+        return None
+    return marker
+
+
+def read_markers(shards_dir: Path, num_shards: int) -> list[dict]:
+    """Every shard's marker, once all are encoded; a shard removed or damaged since is a UserError."""
+    markers = [finished_shard(shards_dir, k) for k in range(num_shards)]
+    missing = [k for k, marker in enumerate(markers) if marker is None]
+    if missing:
+        raise UserError(
+            f"Shards {missing} in {shards_dir} were removed or damaged while this run encoded; run the same "
+            "command again to encode them again."
+        )
+    return markers
 
 
 def save_shard(
@@ -341,3 +401,36 @@ class LatentDataset(torch.utils.data.Dataset):
             sample = sample + std * torch.randn(sample.shape)
         label = int(row["label"]) if self.conditional else self.null_label
         return sample, torch.tensor(label, dtype=torch.long)
+
+
+def cache_info(args, plan, features, vae, num_rows: int, skipped: list) -> dict:
+    """cache_info.json: the metadata the trainer reads, and what made the cache (precompute_latents.py's flags
+    `args` and `CachePlan`, its `vae` or None in pixel space)."""
+    source, settings = plan.source, plan.settings
+    return {
+        "format_version": CACHE_FORMAT_VERSION,
+        "num_rows": num_rows,
+        "latent_shape": plan.latent_shape,
+        "channels": plan.latent_shape[0],
+        "num_views": 2 if args.random_flip else 1,
+        "flip": args.random_flip,
+        "resolution": args.resolution,
+        "pixel_space": vae is None,
+        "vae": settings["vae"],
+        "vae_subfolder": settings["vae_subfolder"],
+        "scaling_factor": None if vae is None else vae.config.scaling_factor,
+        "shift_factor": None if vae is None else vae.config.get("shift_factor"),
+        "mixed_precision": settings["mixed_precision"],
+        "conditional": source.labels is not None,
+        "num_classes": len(source.class_names) if source.class_names else 0,
+        "class_names": source.class_names,
+        "class_to_index": {c: k for k, c in enumerate(source.class_names)} if source.class_names else None,
+        "columns": {name: str(feature) for name, feature in features.items()},
+        "num_skipped": len(skipped),
+        "skipped": skipped,
+        "command": shlex.join(["python", "precompute_latents.py", *args.argv]),
+        "settings": settings,
+        "num_inputs": len(source.ids),
+        "input_fingerprint": plan.input_fingerprint,
+        "shard_fingerprints": plan.fingerprints,
+    }

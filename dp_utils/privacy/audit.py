@@ -143,8 +143,8 @@ class _Step:
         keep = torch.ones_like(is_canary) if canary else ~is_canary
         x, y = x[keep], y[keep]
         for start in range(0, len(x), self.physical):  # physical batches of the logical batch: noised once
-            piece = slice(start, start + self.physical)
-            self.criterion(self.module(x[piece]), y[piece]).backward()
+            physical_batch = slice(start, start + self.physical)
+            self.criterion(self.module(x[physical_batch]), y[physical_batch]).backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         change = [(new - self.initial[name]).flatten() for name, new in self.model.state_dict().items()]

@@ -9,12 +9,16 @@ import argparse
 
 from diffusers.optimization import SchedulerType
 
+from ..errors import ArgumentParser
 from ..privacy.privacy_engine import GRAD_SAMPLE_MODES
 from .adapters import LORA_TARGET_MODULES, TRAINABLE
 from .attention import ATTENTION_BACKENDS
 from .augmentation import AUGMENTATIONS
 from .model import PRESETS
 from .optimizers import OPTIMIZERS
+
+# diffusers' schedules that run on --lr_warmup_steps alone; piecewise_constant needs step rules no flag gives.
+LR_SCHEDULERS = [t.value for t in SchedulerType if t is not SchedulerType.PIECEWISE_CONSTANT]
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -29,7 +33,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 def build_parser(description: str) -> argparse.ArgumentParser:
     """train_dp_dit.py's flags, grouped as its --help shows them."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
+    parser = ArgumentParser(description=description, formatter_class=HelpFormatter)
     model = parser.add_argument_group("model (give --pretrained_model_name_or_path or --model_config)")
     model.add_argument(
         "--pretrained_model_name_or_path",
@@ -166,8 +170,8 @@ def build_parser(description: str) -> argparse.ArgumentParser:
         "--max_physical_batch_size",
         type=int,
         default=32,
-        help="Images per forward/backward and process; a logical batch is processed in several such pieces and "
-        "noised once (memory only, not privacy).",
+        help="Images per forward/backward and process (Opacus' physical batch); a logical batch is processed in "
+        "several and noised once (memory only, not privacy).",
     )
     dp.add_argument(
         "--grad_sample_mode",
@@ -201,7 +205,7 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     train.add_argument("--learning_rate", type=float, default=1e-4, help="AdamW learning rate (DiT: 1e-4).")
     train.add_argument(
         "--lr_scheduler",
-        choices=[t.value for t in SchedulerType],
+        choices=LR_SCHEDULERS,
         default="constant",
         help="Learning-rate schedule (diffusers.optimization) over the planned steps; data-independent, so free "
         "under DP.",

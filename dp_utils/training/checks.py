@@ -11,12 +11,11 @@ import argparse
 import math
 import os
 import re
-import tempfile
 from pathlib import Path
 
 import accelerate.utils
 
-from ..errors import UserError
+from ..errors import UserError, check_num_workers, check_writable_dir
 from .checkpoints import list_checkpoints
 from .model import PRESETS
 
@@ -47,6 +46,14 @@ def _finite(value: float, low: float, high: float = math.inf, low_inclusive: boo
 
 def check_flags(args: argparse.Namespace) -> None:
     """Ranges, finiteness and combinations of the trainer's flags (no file is read)."""
+    _check_privacy_flags(args)
+    _check_training_flags(args)
+    _check_modes(args)
+    _check_trainable_and_outputs(args)
+
+
+def _check_privacy_flags(args: argparse.Namespace) -> None:
+    """The model source and the DP parameters: sigma or a budget, C, delta."""
     _need(
         bool(args.pretrained_model_name_or_path) != bool(args.model_config),
         "Give exactly one of --pretrained_model_name_or_path or --model_config.",
@@ -71,12 +78,17 @@ def check_flags(args: argparse.Namespace) -> None:
             _finite(args.delta, 0, 1, low_inclusive=False) and args.delta < 1,
             f"--delta must be in (0, 1), got {args.delta}: leave it out for 1 / (10 N), well below 1/N.",
         )
+
+
+def _check_training_flags(args: argparse.Namespace) -> None:
+    """Lengths, batch sizes, intervals, optimizer, EMA and sampling settings."""
     for flag in ("max_train_steps", "num_train_epochs", "max_train_samples"):
         value = getattr(args, flag)
         _need(value is None or value >= 1, f"--{flag} must be >= 1, got {value}.")
     for flag in ("logical_batch_size", "max_physical_batch_size", "noise_multiplicity", "num_validation_images"):
         _need(getattr(args, flag) >= 1, f"--{flag} must be >= 1, got {getattr(args, flag)}.")
-    for flag in ("checkpointing_steps", "validation_steps", "lr_warmup_steps", "dataloader_num_workers"):
+    check_num_workers(args.dataloader_num_workers)
+    for flag in ("checkpointing_steps", "validation_steps", "lr_warmup_steps"):
         _need(getattr(args, flag) >= 0, f"--{flag} must be >= 0 (0 disables it), got {getattr(args, flag)}.")
     _need(
         args.checkpoints_total_limit is None or args.checkpoints_total_limit >= 1,
@@ -129,6 +141,10 @@ def check_flags(args: argparse.Namespace) -> None:
         args.noise_seed is None or args.noise_seed >= 0,
         f"--noise_seed must be >= 0, got {args.noise_seed}; leave it out for secret noise (the default).",
     )
+
+
+def _check_modes(args: argparse.Namespace) -> None:
+    """Combinations the clipping modes, the precision and the trackers cannot run."""
     opacus = args.grad_sample_mode.startswith("opacus")
     _need(
         args.grad_sample_mode != "opacus_ghost" or args.embedders == "freeze",
@@ -161,6 +177,10 @@ def check_flags(args: argparse.Namespace) -> None:
             f"--report_to {args.report_to}: the {args.report_to} package is not installed; install it, or pass "
             "--report_to none.",
         )
+
+
+def _check_trainable_and_outputs(args: argparse.Namespace) -> None:
+    """LoRA settings, what a run trains against what it saves, the Hub token, resume against overwrite."""
     _need(args.lora_rank >= 1, f"--lora_rank must be >= 1, got {args.lora_rank} (diffusers' scripts: 4 to 128).")
     _need(
         args.lora_alpha is None or _finite(args.lora_alpha, 0, low_inclusive=False),
@@ -191,13 +211,11 @@ def check_output_dir(args: argparse.Namespace) -> None:
     """--output_dir can be written and holds no other run, unless this run resumes it or may overwrite it."""
     out = Path(args.output_dir)
     _need(not out.exists() or out.is_dir(), f"--output_dir {out} is a file: give a folder (new or empty).")
-    existing = next(p for p in (out, *out.parents) if p.exists())
-    _need(existing.is_dir(), f"--output_dir {out}: {existing} is a file, not a folder; give another path.")
-    try:
-        with tempfile.TemporaryFile(dir=existing):  # an unnamed probe: nothing is left behind
-            pass
-    except OSError as error:
-        raise UserError(f"--output_dir {out} cannot be written ({error.strerror}); give a writable folder.") from None
+    check_writable_dir("--output_dir", out)
+    if args.report_to not in (None, "none"):  # the tracker logs may go elsewhere (an absolute --logging_dir)
+        check_writable_dir("--logging_dir", out / args.logging_dir)
+    if args.cache_dir:
+        check_writable_dir("--cache_dir", args.cache_dir)
     if args.resume_from_checkpoint or args.overwrite_output_dir:
         return
     finished = (out / FINISHED_RUN).is_file()

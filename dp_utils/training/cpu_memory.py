@@ -2,9 +2,9 @@
 
 glibc's malloc hands large freed blocks back to the kernel (blocks above the mmap threshold are unmapped, and the
 heap top above the trim threshold is released), so every training step faults the same activations and gradients
-back in, page by page. Measured on 2 cores, DiT-S/2 at batch 16: 10-50k page faults per step, which cost the flash_bk
-step (it keeps every layer's output gradient until the backward ends) 5-10% of its time and non-private training
-0-6%. Peak memory is unchanged: the process keeps what it would allocate again in the next step.
+back in, page by page; flash_bk, which keeps every layer's output gradient until the backward ends, faults the most
+(what it cost is measured in benchmarks/README.md). Peak memory is unchanged: the process keeps what it would
+allocate again in the next step.
 """
 
 from __future__ import annotations

@@ -42,17 +42,22 @@ def planned_epsilon(accountant: str, noise_multiplier: float, plan: RunPlan) -> 
     """Epsilon after all planned steps (Opacus' accountant); inf without noise."""
     if noise_multiplier == 0:
         return math.inf
-    ledger = create_accountant(mechanism=accountant)
-    ledger.history = [(noise_multiplier, plan.sample_rate, plan.max_train_steps)]
+    opacus_accountant = create_accountant(mechanism=accountant)
+    opacus_accountant.history = [(noise_multiplier, plan.sample_rate, plan.max_train_steps)]
     with _quiet_accountant():
-        return ledger.get_epsilon(delta=plan.delta)
+        return opacus_accountant.get_epsilon(delta=plan.delta)
 
 
 def training_summary(
-    plan: RunPlan, ledger: dict, accountant: str, model: torch.nn.Module, physical_batches: str, start_step: int
+    plan: RunPlan,
+    privacy_parameters: PrivacyParameters,
+    accountant: str,
+    model: torch.nn.Module,
+    physical_batches: str,
+    start_step: int,
 ) -> str:
     """The "***** Running training *****" block diffusers' scripts print, with the DP quantities."""
-    sigma = ledger["noise_multiplier"]
+    sigma = privacy_parameters.noise_multiplier
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     frozen = sum(p.numel() for p in model.parameters()) - trainable
     lines = [
@@ -63,7 +68,7 @@ def training_summary(
         f"{physical_batches}",
         f"  Total optimization steps = {plan.max_train_steps}"
         + (f" (resuming at step {start_step})" if start_step else ""),
-        f"  Noise multiplier (sigma) = {sigma:.4g}, clipping norm (C) = {ledger['max_grad_norm']}",
+        f"  Noise multiplier (sigma) = {sigma:.4g}, clipping norm (C) = {privacy_parameters.max_grad_norm}",
         f"  Delta = {plan.delta:.3g}, expected epsilon after all steps = "
         f"{planned_epsilon(accountant, sigma, plan):.3f} ({accountant} accountant)",
         f"  Trainable parameters = {trainable:,}" + (f" ({frozen:,} frozen)" if frozen else ""),
@@ -71,9 +76,28 @@ def training_summary(
     return "\n".join(lines)
 
 
-def privacy_ledger(plan: RunPlan, noise_multiplier: float, max_grad_norm: float, noise_multiplicity: int) -> dict:
-    """What a checkpoint's TrainState must match on resume, or the accounting would be broken."""
-    return dict(
+@dataclass(frozen=True)
+class PrivacyParameters:
+    """What the accountant composes, checkpointed with the step: a resumed run must have the same, or the
+    accounting would be broken."""
+
+    noise_multiplier: float  # sigma
+    sample_rate: float  # q
+    dataset_size: int  # N
+    max_grad_norm: float  # C
+    noise_multiplicity: int  # K rows per image, clipped as one example
+    delta: float
+    max_train_steps: int
+
+    # what a resume must not change (delta and the planned steps may: the accountant reports for the new ones)
+    MUST_MATCH = ("noise_multiplier", "sample_rate", "dataset_size", "max_grad_norm", "noise_multiplicity")
+
+
+def privacy_parameters(
+    plan: RunPlan, noise_multiplier: float, max_grad_norm: float, noise_multiplicity: int
+) -> PrivacyParameters:
+    """The run's privacy parameters: its plan's sampling and the DP optimizer's sigma, C and K."""
+    return PrivacyParameters(
         noise_multiplier=noise_multiplier,
         sample_rate=plan.sample_rate,
         dataset_size=plan.num_images,
@@ -84,19 +108,21 @@ def privacy_ledger(plan: RunPlan, noise_multiplier: float, max_grad_norm: float,
     )
 
 
-def privacy_report(plan: RunPlan, epsilon: float, steps: int, ledger: dict, **run: object) -> dict:
+def privacy_report(
+    plan: RunPlan, epsilon: float, steps: int, privacy_parameters: PrivacyParameters, **run: object
+) -> dict:
     """privacy_report.json: the guarantee (epsilon None without noise), the sampling, and how the run trained."""
     return dict(
         epsilon=None if math.isinf(epsilon) else epsilon,
         delta=plan.delta,
         weak_delta_accepted=plan.delta >= 1 / plan.num_images,
-        noise_multiplier=ledger["noise_multiplier"],
+        noise_multiplier=privacy_parameters.noise_multiplier,
         sample_rate=plan.sample_rate,
         steps=steps,
         dataset_size=plan.num_images,
         expected_batch_size=plan.expected_batch_size,
-        max_grad_norm=ledger["max_grad_norm"],
-        noise_multiplicity=ledger["noise_multiplicity"],
+        max_grad_norm=privacy_parameters.max_grad_norm,
+        noise_multiplicity=privacy_parameters.noise_multiplicity,
         **run,
         unit_of_privacy="one training image (one cache row, all its views)",
     )

@@ -6,19 +6,21 @@ from pathlib import Path
 
 from diffusers import AutoencoderKL, DDPMScheduler, DiTTransformer2DModel
 
-from ..errors import UserError
+from ..errors import UserError, one_line
 from .model import PRESETS, dit_from_preset
 
 
 def from_pretrained(cls, path: str, flag: str, **kwargs):
-    """`cls.from_pretrained`; a path that is neither a local folder nor on the Hub is a UserError, not a traceback."""
+    """`cls.from_pretrained`; a path that is neither a local folder nor on the Hub, or a folder whose files cannot be
+    read (a config that is not JSON, weights missing or truncated), is a UserError, not a traceback."""
     try:
         return cls.from_pretrained(path, **kwargs)
-    except OSError as error:
+    except (OSError, ValueError) as error:  # diffusers raises OSError for unreadable files, ValueError for bad ones
         if Path(path).is_dir():
-            raise
+            part = Path(path, kwargs.get("subfolder") or "")
+            raise UserError(f"{flag} {path}: {part} cannot be loaded ({one_line(error)}).") from None
         reason = str(error).strip().splitlines()[0]
-        raise UserError(f"{flag} {path}: no such folder, and not found on the Hugging Face Hub ({reason})") from error
+        raise UserError(f"{flag} {path}: no such folder, and not found on the Hugging Face Hub ({reason})") from None
 
 
 def load_model(args, info: dict) -> tuple[DiTTransformer2DModel, DDPMScheduler, AutoencoderKL | None]:
@@ -39,7 +41,10 @@ def load_model(args, info: dict) -> tuple[DiTTransformer2DModel, DDPMScheduler, 
         model = dit_from_preset(args.model_config, channels, size, max(info["num_classes"], 1))
         scheduler = DDPMScheduler(num_train_timesteps=1000)  # DiT's linear schedule
     else:
-        model = DiTTransformer2DModel.from_config(DiTTransformer2DModel.load_config(args.model_config))
+        try:
+            model = DiTTransformer2DModel.from_config(DiTTransformer2DModel.load_config(args.model_config))
+        except (OSError, ValueError, TypeError) as error:
+            raise UserError(f"--model_config {args.model_config} is not a DiT config ({one_line(error)}).") from None
         scheduler = DDPMScheduler(num_train_timesteps=1000)
     vae = None
     if not info["pixel_space"]:

@@ -112,11 +112,11 @@ def test_noise_is_added_once_in_total_across_ranks(tmp_path):
     assert abs(change.mean().item()) < 4 * expected / n**0.5
 
 
-PIECE = 2  # rows per backward: each rank's share of a logical batch of 8 is 4 rows, in two pieces
+PHYSICAL_BATCH = 2  # rows per backward: each rank's share of a logical batch of 8 is 4 rows, in two of them
 
 
 def _split_noise_worker(rank: int) -> dict:
-    """Three steps of pure noise (zero gradients) in physical pieces, noise from make_private's default secret."""
+    """Three steps of pure noise (zero gradients) in physical batches, noise from make_private's default secret."""
     torch.manual_seed(0)
     model = nn.Linear(100, 50).double()
     data = TensorDataset(torch.randn(ROWS, 100, dtype=torch.float64), torch.randn(ROWS, 50, dtype=torch.float64))
@@ -133,20 +133,21 @@ def _split_noise_worker(rank: int) -> dict:
     for _ in range(3):
         x, y = next(iter(loader))
         before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
-        for start in range(0, len(x), PIECE):
-            criterion(module(x[start : start + PIECE]) * 0, torch.zeros_like(y[start : start + PIECE])).backward()
+        for start in range(0, len(x), PHYSICAL_BATCH):
+            rows = slice(start, start + PHYSICAL_BATCH)
+            criterion(module(x[rows]) * 0, torch.zeros_like(y[rows])).backward()
         optimizer.step()
         optimizer.zero_grad()
         changes.append(before - torch.cat([p.detach().flatten() for p in model.parameters()]))
     return {"changes": torch.stack(changes), "history": optimizer.privacy_engine.accountant.history}
 
 
-def test_secret_noise_is_added_once_per_logical_batch_across_ranks_and_pieces(tmp_path):
+def test_secret_noise_is_added_once_per_logical_batch_across_ranks_and_physical_batches(tmp_path):
     results = run_two_ranks(_split_noise_worker, tmp_path)
     assert torch.equal(results[0]["changes"], results[1]["changes"])
-    assert [r["history"] for r in results] == [[(SIGMA, 2 * BATCH / ROWS, 3)]] * 2  # 3 steps, not 6 pieces
+    assert [r["history"] for r in results] == [[(SIGMA, 2 * BATCH / ROWS, 3)]] * 2  # 3 steps, not 6 physical batches
     change = results[0]["changes"].flatten()
     expected, n = SIGMA * CLIP / (2 * BATCH), change.numel()  # the global expected batch of 8
-    # once in total: not sqrt(2) larger (both ranks), not sqrt(2) larger again (both pieces), not zero
+    # once in total: not sqrt(2) larger (both ranks), not sqrt(2) larger again (both physical batches), not zero
     assert abs(change.std().item() - expected) < 4 * expected / (2 * n) ** 0.5
     assert abs(change.mean().item()) < 4 * expected / n**0.5
