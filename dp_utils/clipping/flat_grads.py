@@ -8,6 +8,8 @@ backward, holding what they set.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 
@@ -15,6 +17,7 @@ class FlatGradients:
     def __init__(self, params: list[torch.Tensor]):
         self.buffers: list[torch.Tensor] = []
         self.views: dict[torch.Tensor, torch.Tensor] = {}
+        self.before_use: Callable[[], None] | None = None  # run before the buffers are next written (a pending fill)
         self._lay_out(params)
         self.attach()
 
@@ -58,7 +61,10 @@ class FlatGradients:
         return first.new_empty(0).set_(first.untyped_storage(), start, (len(run), *first.shape))
 
     def attach(self) -> None:
-        """Make every `.grad` its view again (keeping what it held)."""
+        """Make every `.grad` its view again (keeping what it held); first finish what fills the buffers."""
+        if self.before_use is not None:
+            before_use, self.before_use = self.before_use, None
+            before_use()
         for p, view in self.views.items():
             grad = p.grad
             if grad is view:

@@ -28,68 +28,46 @@ class NoiseError(RuntimeError):
 
 
 class NoiseAhead:
-    """The noise of the next step drawn on a background thread while the current one computes (CPU tensors).
+    """The next logical batch's noise drawn on a background thread into the gradient buffers themselves (CPU).
 
-    `add_(tensors, std, generator, scale)` waits for the draws made for these tensors (drawing them now the first
-    time), applies t <- scale * t + z with z ~ N(0, std^2) in one pass, and starts drawing the next step's z (at
-    the same std) into the same buffers. Each
-    step's draws come from a generator whose whole state is expanded from 248 bits drawn from `generator` in the
-    caller's thread (`fork_entropy`), so the caller's generator is never touched by the background thread.
-    `discard(generator)` drops the draw in flight and puts the generator back to its state before that draw's fork:
-    call it before saving the generator's state, and a run resumed from it draws exactly the noise an uninterrupted
-    run draws (never one already applied: the discarded draw was not).
+    `start(buffers, std, generator)`, called where the buffers would be zeroed, overwrites them with N(0, std^2) on
+    a worker thread while the next forward runs; the backward then adds the clipped sums onto the noise (`wait()`
+    first), and the step only scales. No zeroing pass and no noise pass remain in the step. The draws come from a
+    generator whose whole state is expanded from 248 bits drawn from `generator` in the caller's thread
+    (`fork_entropy`), so the worker never touches the caller's generator. `discard(generator)` waits, and puts the
+    generator back to its state before that fork: call it (then zero the buffers) before saving the generator's
+    state, and a run resumed from it draws exactly the noise an uninterrupted run draws (never one already applied).
     """
 
     def __init__(self):
-        self._draws: list[torch.Tensor] = []
-        self._std = 1.0  # of the draws
-        self._state_before_fork: torch.Tensor | None = None  # the caller's generator before the draw in flight
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dp-noise")  # one thread, kept
         self._pending: Future | None = None
+        self._state_before_fork: torch.Tensor | None = None  # the caller's generator before the draw
+        self.drawn = False  # the buffers hold (or are being filled with) the coming step's noise
 
-    def add_(
-        self, tensors: list[torch.Tensor], std: float, generator: torch.Generator | None = None, scale: float = 1.0
-    ) -> None:
-        _check_std_and_scale(std, scale)
-        draws = self._wait()
-        if [(z.shape, z.dtype) for z in draws] != [(t.shape, t.dtype) for t in tensors]:
-            draws = self._draws = [torch.empty_like(t, device="cpu") for t in tensors]
-            try:  # here, in the caller's thread, the first time
-                self._draw(fork_entropy(generator, 1)[0], std or 1.0)
-            except Exception as failure:
-                self._draws = []
-                raise NoiseError(f"Drawing the noise failed ({failure!r}): this step must not be taken.") from failure
-        with torch.no_grad():
-            if self._std != std:  # drawn at another std (or at 1 where std is 0 now)
-                torch._foreach_mul_(draws, std / self._std)
-            for t, z in zip(tensors, draws, strict=True):
-                torch.add(z, t, alpha=scale, out=t)
+    def start(self, buffers: list[torch.Tensor], std: float, generator: torch.Generator | None) -> None:
+        _check_std_and_scale(std, 1.0)
         self._state_before_fork = None if generator is None else generator.get_state()
         entropy = fork_entropy(generator, 1)[0]
-        self._pending = self._worker.submit(self._draw, entropy, std or 1.0)
+        self._pending = self._worker.submit(_draw_into, buffers, entropy, std)
+        self.drawn = True
 
-    def discard(self, generator: torch.Generator | None) -> None:
-        """Drop the draw in flight; the generator goes back to before its fork (see the class)."""
-        if self._pending is not None:
-            self._pending.exception()  # waits; a failure of a dropped draw does not matter
-            self._pending = None
-        self._draws = []
-        if generator is not None and self._state_before_fork is not None:
-            generator.set_state(self._state_before_fork)
-        self._state_before_fork = None
-
-    def _draw(self, entropy: list[int], std: float) -> None:
-        self._std = std
-        _draw_into(self._draws, entropy, std)
-
-    def _wait(self) -> list[torch.Tensor]:
-        """The draws once made; a failure in the worker is raised here, in the caller's thread."""
+    def wait(self) -> None:
+        """Until the draw is made; a failure in the worker is raised here, in the caller's thread."""
         pending, self._pending = self._pending, None
         failure = pending.exception() if pending is not None else None
         if failure is not None:
-            self._draws = []
+            self.drawn = False
             raise NoiseError(f"Drawing the noise failed ({failure!r}): this step must not be taken.") from failure
-        return self._draws
+
+    def discard(self, generator: torch.Generator | None) -> None:
+        """Drop the drawn noise (the caller zeroes the buffers); the generator goes back to before its fork."""
+        if self._pending is not None:
+            self._pending.exception()  # waits; a failure of a dropped draw does not matter
+            self._pending = None
+        if self.drawn and generator is not None and self._state_before_fork is not None:
+            generator.set_state(self._state_before_fork)
+        self.drawn, self._state_before_fork = False, None
 
 
 def _draw_into(draws: list[torch.Tensor], entropy: list[int], std: float) -> None:

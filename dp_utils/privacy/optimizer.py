@@ -4,9 +4,10 @@ The engine leaves sum_e c_e g_e (every example clipped to C) in the buffers, add
 the end of a logical batch `step()` runs, in order: refuse sums already used or polluted by an unclipped gradient;
 refuse a non-finite per-example norm (one device flag, read once per logical batch); add the whole noise on rank 0
 and scale, grad = sum / B + N(0, (sigma C / B)^2) with B the expected logical batch size q N (each buffer in one
-pass; on CPU the next step's noise is drawn on a background thread meanwhile, `noise.NoiseAhead`); sum over ranks;
-call the accountant's hook; step the wrapped optimizer. A failure before the hook leaves the step neither applied
-nor accounted. `.grad` is never rebound: zero_grad() zeroes the buffers in place.
+pass; on CPU the noise is drawn on a worker thread into the buffers at zero_grad, under the sums to come, and
+only the scaling is left here: `noise.NoiseAhead`); sum over ranks; call the accountant's hook; step the wrapped
+optimizer. A failure before the hook leaves the step neither applied nor accounted. `.grad` is never rebound:
+zero_grad() clears the buffers in place.
 
 Opacus' optimizers stay in use for its reference modes (`opacus_ghost`, `opacus_hooks`); this one replaces its
 fast-gradient-clipping optimizer, whose private accumulation stages we would otherwise override.
@@ -19,7 +20,7 @@ from collections.abc import Callable
 import torch
 
 from ..clipping.engine import ClippingEngine
-from .cuda_graphs import GraphedNoisyStep, make_capturable
+from .cuda_graphs import GraphedNoisyStep
 from .noise import NoiseAhead, add_noise_foreach_, add_secure_noise_, tensor_chunks
 
 BUCKET_NUMEL = 25_000_000  # elements per all-reduce of the clipped sums
@@ -80,9 +81,13 @@ class DPOptimizer(torch.optim.Optimizer):
         self.original_optimizer.load_state_dict(state_dict)
 
     def discard_noise_ahead(self) -> None:
-        """Before saving the noise generator's state: the next step's noise, drawn ahead on CPU, is dropped and
-        the generator rewound to before it, so that a run resumed from that state draws the same noise."""
-        self.noise_ahead.discard(self.generator)
+        """Before saving the noise generator's state: the next step's noise, drawn ahead into the buffers on CPU,
+        is dropped and the generator rewound to before it, so that a run resumed from that state draws the same
+        noise."""
+        if self.noise_ahead.drawn:
+            self.noise_ahead.discard(self.generator)
+            self.clipping_engine.grads.before_use = None
+            self.clipping_engine.grads.zero_()
 
     def attach_step_hook(self, fn: Callable[[DPOptimizer], None]) -> None:
         self.step_hook = fn
@@ -92,23 +97,30 @@ class DPOptimizer(torch.optim.Optimizer):
         self._skip_next = do_skip
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Zero the sums in place (`set_to_none` is accepted and ignored: the buffers are static); after a skipped
-        step it does nothing, so that the logical batch's sums keep accumulating."""
+        """Clear the sums for the next logical batch (`set_to_none` is accepted and ignored: the buffers are
+        static): on CPU the buffers are overwritten with that batch's noise on a worker thread (`NoiseAhead`; the
+        next backward adds onto it), else zeroed. After a skipped step it does nothing, so that the logical batch's
+        sums keep accumulating."""
         if self._last_step_skipped:
             return
-        self.clipping_engine.grads.zero_()
         self.clipping_engine.tainted = False
         self._sums_used = False
+        grads = self.clipping_engine.grads
+        std = self.noise_multiplier * self.max_grad_norm if self.rank == 0 else 0.0  # scaled by 1 / B at the step
+        on_cpu = all(b.device.type == "cpu" for b in grads.buffers)
+        if std > 0 and on_cpu and not self.secure_mode and self.graphed_step is None:
+            self.noise_ahead.discard(None)  # a draw not used (zero_grad twice): its buffers are overwritten
+            grads.before_use = self._wait_for_noise
+            self.noise_ahead.start(grads.buffers, std, self.generator)
+        else:
+            grads.zero_()
 
-    def use_cuda_graphs(self) -> None:
-        """Noise, scale, all-reduce and the wrapped step as one CUDA graph after a few eager steps."""
-        make_capturable(self.original_optimizer)
-
-        def noisy_step() -> None:
-            self.add_noise_and_scale()
-            self.original_optimizer.step()
-
-        self.graphed_step = GraphedNoisyStep(noisy_step, self.generator)
+    def _wait_for_noise(self) -> None:
+        try:
+            self.noise_ahead.wait()
+        except Exception:
+            self.clipping_engine.grads.zero_()  # no partial noise under the sums: the step adds it in full
+            raise
 
     def step(self, closure: Callable | None = None):
         """The noisy step at the end of a logical batch; nothing after a physical batch's (signal_skip_step)."""
@@ -156,12 +168,16 @@ class DPOptimizer(torch.optim.Optimizer):
         reduced (divided by the number of ranks, B being per rank)."""
         scale = 1.0 / self.expected_batch_size
         std = self.noise_multiplier * self.max_grad_norm * scale if self.rank == 0 else 0.0
-        buffers = self.clipping_engine.grads.buffers
-        if self.secure_mode:
+        grads = self.clipping_engine.grads
+        buffers = grads.buffers
+        if self.noise_ahead.drawn:  # drawn into the buffers before the sums were added: only the scaling is left
+            if grads.before_use is not None:  # a step without a backward since zero_grad
+                grads.attach()
+            self.noise_ahead.drawn = False
+            torch._foreach_mul_(buffers, scale)
+        elif self.secure_mode:
             add_secure_noise_(buffers, std, self.generator, scale=scale)
-        elif std > 0 and all(b.device.type == "cpu" for b in buffers):
-            self.noise_ahead.add_(buffers, std, self.generator, scale=scale)
-        else:  # an accelerator draws as it goes, asynchronously
+        else:
             add_noise_foreach_(buffers, std, self.generator, scale=scale)
         if self.world_size > 1:
             all_reduce_in_buckets_(buffers, divisor=self.world_size)

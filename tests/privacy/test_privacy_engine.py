@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import dp_utils
 from dp_utils.errors import UserError
 from dp_utils.privacy import noise as noise_module
+from dp_utils.privacy import optimizer as optimizer_module
 from dp_utils.privacy.noise import NoiseError
 from dp_utils.privacy.privacy_engine import PrivacyWarning
 
@@ -266,16 +267,15 @@ def _take_failing_step(monkeypatch, mode="flash_bk", **kwargs):
         rows=16, batch_size=4, noise_multiplier=1.0, poisson_sampling=False, mode=mode, **kwargs
     )
 
-    def draw_into(draws, entropy, std):
-        draws[0].view(-1)[:3].normal_()  # part of the draw is made, then it fails
+    def add_noise(*args, **kwargs):
         raise RuntimeError("injected noise failure")
 
-    monkeypatch.setattr(noise_module, "_draw_into", draw_into)
+    monkeypatch.setattr(optimizer_module, "add_noise_foreach_", add_noise)
     x, y = next(iter(loader))
     criterion(module(x), y).backward()
     before = [p.detach().clone() for p in model.parameters()]
     sums = [p.grad.clone() for p in model.parameters()]
-    with pytest.raises(NoiseError, match="injected noise failure"):
+    with pytest.raises(RuntimeError, match="injected noise failure"):
         optimizer.step()
     monkeypatch.undo()
     return model, module, optimizer, criterion, loader, before, sums
@@ -285,7 +285,6 @@ def test_a_noise_failure_raises_in_step_before_accounting_and_changes_no_weight(
     model, module, optimizer, criterion, loader, before, sums = _take_failing_step(monkeypatch)
     assert optimizer.privacy_engine.accountant.history == []
     assert all(torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True))
-    # the noise is applied only once drawn in full: no gradient holds part of it
     assert all(torch.equal(s, p.grad) for s, p in zip(sums, model.parameters(), strict=True))
     with pytest.raises(ValueError, match="haven't been cleared"):  # a retry would reuse sums meant for one step
         optimizer.step()
@@ -296,6 +295,26 @@ def test_a_noise_failure_raises_in_step_before_accounting_and_changes_no_weight(
     optimizer.step()
     assert len(optimizer.privacy_engine.accountant.history) == 1
     assert all(not torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True))
+
+
+def test_noise_drawn_ahead_that_fails_stops_the_next_backward_and_leaves_no_partial_noise(monkeypatch):
+    """On CPU zero_grad draws the next step's noise into the buffers on a worker: its failure reaches the caller
+    at the next backward, and the buffers are left zero (the step would then add the noise in full)."""
+    model, (module, optimizer, criterion, loader) = setup(
+        rows=16, batch_size=4, noise_multiplier=1.0, poisson_sampling=False
+    )
+
+    def failing(draws, entropy, std):
+        draws[0].view(-1)[:3].normal_()
+        raise RuntimeError("injected noise failure")
+
+    monkeypatch.setattr(noise_module, "_draw_into", failing)
+    optimizer.zero_grad()
+    x, y = next(iter(loader))
+    with pytest.raises(NoiseError, match="injected noise failure"):
+        criterion(module(x), y).backward()
+    assert all(not p.grad.any() for p in model.parameters())
+    assert optimizer.privacy_engine.accountant.history == []
 
 
 def test_a_second_step_without_zero_grad_is_refused():
