@@ -103,33 +103,21 @@ class PrivacyEngine:
     ) -> tuple[nn.Module, torch.optim.Optimizer, DPCriterion, DataLoader | PhysicalBatchLoader | None]:
         """Returns (module, optimizer, criterion, data_loader) ready for DP-SGD.
 
-        `criterion(output, target)` must give per-example losses (B,); the returned wrapper's `backward()` clips
-        each example's gradient to `max_grad_norm`. With `noise_multiplicity=K` every example is K consecutive
-        rows of the batch, clipped as one (the gradient of the sum of its row losses); or pass `group_ids=` to
-        the criterion call. `distributed=True` (one process per rank, no DDP wrapper) makes each rank sample its
-        share of the Poisson batch and adds the noise once in total; its batches follow `sampling_seed`, the same
-        on every rank, so that a resumed run can rebuild them (`data_loader.batch_sampler.set_step`).
+        `criterion(output, target)` gives per-example losses (B,); the returned wrapper's `backward()` clips each
+        example's gradient to `max_grad_norm`. `noise_multiplicity=K`: every example is K consecutive rows, clipped
+        as one (or pass `group_ids=` to the criterion). `distributed=True` (one process per rank, no DDP wrapper):
+        each rank samples its share of the Poisson batch with `sampling_seed`, and the noise is added once in total.
+        Sampling: q is `sample_rate` or Opacus' 1 / len(data_loader), N is `dataset_size` or the loader's dataset
+        size, and the noisy sum is divided by q N; a caller that samples its own batches passes both and no loader.
+        `max_physical_batch_size=P`: the loader yields each logical batch as `(batch, mask)` physical batches of
+        exactly P rows (padding rows zero, False in the mask); pass `mask=` to the criterion and step after each
+        (the optimizer steps after a logical batch's last). `cuda_graphs=True` captures the noisy step after a few
+        eager ones; wrap the physical step in `dp_utils.CudaGraphedStep` to capture it too.
 
-        Sampling: the sample rate q is `sample_rate`, or 1 / len(data_loader) (Opacus' rate); N is `dataset_size`
-        or len(data_loader.dataset); the noisy sum is divided by the expected batch size q N. A caller that samples
-        its own batches passes sample_rate and dataset_size and no loader (None is returned for it).
-        `max_physical_batch_size=P` makes the returned loader yield every logical batch as physical batches
-        `(batch, mask)` of exactly P rows, padding rows zero and False in the mask; pass the mask to the criterion
-        (`criterion(output, target, mask=mask)`) and step the optimizer after each: it steps only after a logical
-        batch's last (Opacus' BatchMemoryManager, with fixed shapes).
-
-        `cuda_graphs=True` captures the noisy optimizer step in a CUDA graph after a few eager ones; wrap the
-        physical step (forward and criterion) in `dp_utils.CudaGraphedStep` to capture it too
-        (`dp_utils.privacy.cuda_graphs`).
-
-        The noise comes from `noise_generator` and the batches from `sampling_seed`; None (the default) draws them
-        from the operating system's entropy (rank 0's, sent to all), so that nobody can replay them. Keep what you
-        pass as secret as the data: whoever knows it can subtract the noise.
-
-        Input contract (what the accounting assumes): every layer sees the batch first, one forward per backward,
-        and an example appears at most once per logical batch. Bad arguments raise `UserError` before the model or
-        the loader is touched (sigma = 0, the non-private baseline, is allowed); a logical batch that covers the
-        whole dataset (q = 1) or target_delta >= 1 / N warns with `PrivacyWarning`.
+        Noise and batches come from the OS's entropy unless `noise_generator` / `sampling_seed` are given: keep
+        those as secret as the data. Input contract (what the accounting assumes): every layer sees the batch
+        first, one forward per backward, an example at most once per logical batch. Bad arguments raise
+        `UserError` before the model or the loader is touched; q = 1 or target_delta >= 1 / N warn.
         """
         _check_arguments(
             max_grad_norm=max_grad_norm,
@@ -147,41 +135,23 @@ class PrivacyEngine:
         _warn_weak_sampling(sample_rate, self.dataset_size)
         if target_delta is not None:
             self._warn_large_delta(target_delta)
-        if target_epsilon is not None:
-            steps = steps if steps is not None else int(epochs / sample_rate)
-            noise_multiplier = self._calibrate(target_epsilon, target_delta, sample_rate, steps)
-        elif 0 < noise_multiplier < MIN_PRV_NOISE_MULTIPLIER and self.accountant.mechanism() == "prv":
-            raise UserError(
-                f"noise_multiplier = {noise_multiplier} is below {MIN_PRV_NOISE_MULTIPLIER}, where the PRV accountant "
-                "takes minutes per epsilon (and the guarantee means little): use accountant 'rdp' (--accountant rdp) "
-                "or more noise."
-            )
+        noise_multiplier = self._noise_multiplier(
+            noise_multiplier, target_epsilon, target_delta, sample_rate, epochs, steps
+        )
         if cuda_graphs:
             check_cuda_graphs(module, grad_sample_mode, noise_generator)
         if noise_generator is None:
             device = next((p.device for p in module.parameters()), torch.device("cpu"))
             noise_generator = generator_from_entropy(secret_seed(), device)
-        expected_batch_size = sample_rate * self.dataset_size
         world_size = torch.distributed.get_world_size() if distributed else 1
-        module, optimizer = self._wrap(
-            module,
-            optimizer,
-            grad_sample_mode,
-            dict(
-                noise_multiplier=float(noise_multiplier),
-                max_grad_norm=float(max_grad_norm),
-                expected_batch_size=expected_batch_size / world_size,  # per rank, as Opacus counts it
-                generator=noise_generator,
-                secure_mode=self.secure_mode,
-            ),
-            distributed,
+        dp = dict(
+            noise_multiplier=float(noise_multiplier),
+            max_grad_norm=float(max_grad_norm),
+            expected_batch_size=sample_rate * self.dataset_size / world_size,  # per rank, as Opacus counts it
+            generator=noise_generator,
+            secure_mode=self.secure_mode,
         )
-        if isinstance(optimizer, DPOptimizer):
-            optimizer.attach_step_hook(
-                lambda dp: self.accountant.step(noise_multiplier=dp.noise_multiplier, sample_rate=sample_rate)
-            )
-        else:
-            optimizer.attach_step_hook(self.accountant.get_optimizer_hook_fn(sample_rate=sample_rate))
+        module, optimizer = self._wrap(module, optimizer, grad_sample_mode, dp, distributed, sample_rate)
         optimizer.privacy_engine = self
         optimizer.sample_rate = sample_rate
         if cuda_graphs:
@@ -194,10 +164,30 @@ class PrivacyEngine:
         mark_output = self.clipping_engine.mark_output if grad_sample_mode in MODES else None
         return module, optimizer, DPCriterion(criterion, backward, mark_output), data_loader
 
+    def _noise_multiplier(self, noise_multiplier, target_epsilon, target_delta, sample_rate, epochs, steps) -> float:
+        """The given sigma, or Opacus' calibration to the target; one the PRV accountant cannot serve is refused."""
+        if target_epsilon is not None:
+            steps = steps if steps is not None else int(epochs / sample_rate)
+            return self._calibrate(target_epsilon, target_delta, sample_rate, steps)
+        if 0 < noise_multiplier < MIN_PRV_NOISE_MULTIPLIER and self.accountant.mechanism() == "prv":
+            raise UserError(
+                f"noise_multiplier = {noise_multiplier} is below {MIN_PRV_NOISE_MULTIPLIER}, where the PRV accountant "
+                "takes minutes per epsilon (and the guarantee means little): use accountant 'rdp' (--accountant rdp) "
+                "or more noise."
+            )
+        return noise_multiplier
+
     def _wrap(
-        self, module: nn.Module, optimizer: torch.optim.Optimizer, grad_sample_mode: str, dp: dict, distributed: bool
+        self,
+        module: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        grad_sample_mode: str,
+        dp: dict,
+        distributed: bool,
+        sample_rate: float,
     ) -> tuple[nn.Module, torch.optim.Optimizer]:
-        """The module and optimizer of each mode: our engine and DP optimizer, or Opacus' for its reference modes."""
+        """The module and optimizer of each mode, with the accountant's hook: our engine and DP optimizer, or Opacus'
+        for its reference modes."""
         if grad_sample_mode in MODES:
             self.clipping_engine = ClippingEngine(module, dp["max_grad_norm"], grad_sample_mode)
             rank_and_size = (
@@ -206,6 +196,9 @@ class PrivacyEngine:
                 else {}
             )
             optimizer = DPOptimizer(optimizer, clipping_engine=self.clipping_engine, **dp, **rank_and_size)
+            optimizer.attach_step_hook(
+                lambda step: self.accountant.step(noise_multiplier=step.noise_multiplier, sample_rate=sample_rate)
+            )
             return module, optimizer
         if grad_sample_mode == "opacus_ghost":
             module = GradSampleModuleFastGradientClipping(
@@ -217,7 +210,9 @@ class PrivacyEngine:
         else:
             module = GradSampleModule(module, loss_reduction="mean")
             optimizer_class = DistributedDPOptimizer if distributed else OpacusDPOptimizer
-        return module, optimizer_class(optimizer, loss_reduction="mean", **dp)
+        optimizer = optimizer_class(optimizer, loss_reduction="mean", **dp)
+        optimizer.attach_step_hook(self.accountant.get_optimizer_hook_fn(sample_rate=sample_rate))
+        return module, optimizer
 
     def _backward_for(self, grad_sample_mode: str, module: nn.Module, optimizer: DPOptimizer, multiplicity: int):
         """The backward of per-row losses (B,) in each mode."""
