@@ -71,7 +71,8 @@ def run_script(main: Callable[[], object]) -> int:
     try:
         code = main()
     except UserError as error:
-        print(f"error: {error}", file=sys.stderr, flush=True)
+        sys.stderr.write(f"error: {error}\n")  # one write: lines of two processes sharing stderr do not interleave
+        sys.stderr.flush()
         _tell_elastic_launcher(f"error: {error}")
         return 2
     return code if isinstance(code, int) else 0
