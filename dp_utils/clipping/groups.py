@@ -56,7 +56,7 @@ class RowGroups:
         """Rows of the largest example."""
         return self._contiguous if self._contiguous is not None else self._max_rows
 
-    def tokens(self, x: torch.Tensor) -> torch.Tensor:
+    def rows_end_to_end(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, ...) -> (E, K*T, ...): an example's rows laid end to end along the token axis.
 
         Padding rows (unequal group sizes) are zeros, which add nothing to Gram matrices or gradients.
@@ -72,7 +72,7 @@ class RowGroups:
     def gram(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
         """(B, T, d) -> (E, K*T, K*T): Gram matrices of each example's tokens, in at least fp32, from operands in x's
         dtype; and the relative rounding error of their entries (`precision.matmul`)."""
-        tokens = self.tokens(x)
+        tokens = self.rows_end_to_end(x)
         return matmul(tokens, tokens.mT)
 
     def shared(self, x: torch.Tensor, tag: object, compute: Callable[[], T]) -> T:

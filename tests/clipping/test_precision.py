@@ -10,8 +10,8 @@ import dp_utils
 from benchmarks.profiling import layer_norms_in_fp32
 from dp_utils.clipping.precision import NormTerms, in_dtype_rounded_down, matmul
 from dp_utils.clipping.rules.conv2d import _patches
-from dp_utils.clipping.rules.embedding import _tokens
-from dp_utils.clipping.rules.linear import tokens_of
+from dp_utils.clipping.rules.embedding import _indices_and_grads
+from dp_utils.clipping.rules.linear import inputs_and_grads_of_calls
 
 ROWS = 6
 
@@ -19,12 +19,12 @@ ROWS = 6
 def per_example_grads(layer: nn.Module, pairs: list) -> dict[str, torch.Tensor]:
     """(B, *param.shape) float64 gradients of one layer from its (input, scaled output gradient) pairs."""
     if isinstance(layer, nn.Embedding):
-        idx, g = _tokens(layer, pairs)
+        idx, g = _indices_and_grads(layer, pairs)
         weight = torch.zeros(len(idx), *layer.weight.shape, dtype=torch.float64)
         for b in range(len(idx)):
             weight[b].index_add_(0, idx[b].cpu(), g[b].double().cpu())
         return {"weight": weight}
-    a, g = _patches(layer, pairs) if isinstance(layer, nn.Conv2d) else tokens_of(pairs)
+    a, g = _patches(layer, pairs) if isinstance(layer, nn.Conv2d) else inputs_and_grads_of_calls(pairs)
     a, g = a.double().cpu(), g.double().cpu()
     grads = {"weight": torch.einsum("btp,btd->bpd", g, a), "bias": g.sum(1)}
     return {name: grad for name, grad in grads.items() if getattr(layer, name) is not None}

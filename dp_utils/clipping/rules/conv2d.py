@@ -8,7 +8,7 @@ from torch import nn
 
 from ..groups import RowGroups
 from ..precision import NormTerms
-from .linear import cat_tokens, weight_and_bias_norm, weight_and_bias_sums
+from .linear import concat_calls, weight_and_bias_norm, weight_and_bias_sums
 
 
 def conv2d_unsupported(module: nn.Conv2d) -> str | None:
@@ -29,7 +29,7 @@ def _patches(module: nn.Conv2d, calls: list) -> tuple[torch.Tensor, torch.Tensor
         cols = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=padding, stride=module.stride)
         a.append(cols.mT)  # (B, L, C*kh*kw)
         g.append(grad_out.flatten(2).mT)  # (B, L, O)
-    return cat_tokens(a), cat_tokens(g)
+    return concat_calls(a), concat_calls(g)
 
 
 def conv2d_norm(module: nn.Conv2d, calls: list, groups: RowGroups) -> NormTerms:

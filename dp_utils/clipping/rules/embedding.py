@@ -10,25 +10,25 @@ from torch import nn
 
 from ..groups import RowGroups
 from ..precision import NormTerms, matmul, relative_bound, square_sums, unit_roundoff, upcast
-from .linear import cat_tokens
+from .linear import concat_calls
 
 
 def embedding_unsupported(module: nn.Embedding) -> str | None:
     return "sparse=True" if module.sparse else None
 
 
-def _tokens(module: nn.Embedding, calls: list) -> tuple[torch.Tensor, torch.Tensor]:
+def _indices_and_grads(module: nn.Embedding, calls: list) -> tuple[torch.Tensor, torch.Tensor]:
     """Indices (B, T) and output gradients (B, T, p), calls concatenated; padding tokens get no gradient."""
-    idx = cat_tokens([x.reshape(x.shape[0], -1) for x, _ in calls])
-    g = cat_tokens([y.reshape(y.shape[0], -1, y.shape[-1]) for _, y in calls])
+    idx = concat_calls([x.reshape(x.shape[0], -1) for x, _ in calls])
+    g = concat_calls([y.reshape(y.shape[0], -1, y.shape[-1]) for _, y in calls])
     if module.padding_idx is not None:
         g = g * (idx != module.padding_idx).unsqueeze(-1).to(g.dtype)
     return idx, g
 
 
 def embedding_norm(module: nn.Embedding, calls: list, groups: RowGroups) -> NormTerms:
-    idx, g = _tokens(module, calls)
-    idx, g = groups.tokens(idx), groups.tokens(g)
+    idx, g = _indices_and_grads(module, calls)
+    idx, g = groups.rows_end_to_end(idx), groups.rows_end_to_end(g)
     same_row = idx.unsqueeze(2) == idx.unsqueeze(1)  # (E, T, T)
     gram, err = matmul(g, g.mT)
     terms = NormTerms((gram * same_row).sum((1, 2)))
@@ -41,7 +41,7 @@ def embedding_norm(module: nn.Embedding, calls: list, groups: RowGroups) -> Norm
 
 
 def embedding_summed_grads(module: nn.Embedding, calls: list) -> dict[str, torch.Tensor]:
-    idx, g = _tokens(module, calls)
+    idx, g = _indices_and_grads(module, calls)
     g = upcast(g)
     grad = torch.zeros(module.weight.shape, dtype=g.dtype, device=g.device)
     return {"weight": grad.index_add_(0, idx.flatten(), g.flatten(0, 1))}
@@ -50,7 +50,7 @@ def embedding_summed_grads(module: nn.Embedding, calls: list) -> dict[str, torch
 def embedding_stacked_add_(module: nn.Embedding, a: torch.Tensor, g: torch.Tensor, blocks: dict) -> None:
     """blocks["weight"][l] += table l's summed gradient, for L tables shaped like `module` whose calls are stacked
     along the rows: one index_add into the (L * V, D) block, table l's indices shifted by l * V."""
-    idx, g = _tokens(module, [(a, g)])
+    idx, g = _indices_and_grads(module, [(a, g)])
     block = blocks["weight"]
     copies, rows, width = block.shape
     shift = torch.arange(copies, device=idx.device).repeat_interleave(idx.shape[0] // copies) * rows

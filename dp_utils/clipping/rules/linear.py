@@ -58,15 +58,15 @@ def weight_and_bias_norm(module: nn.Module, a: torch.Tensor, g: torch.Tensor, gr
     weight = module.weight.requires_grad
     bias = module.bias is not None and module.bias.requires_grad
     u = unit_roundoff(g.dtype)
-    g_e = groups.tokens(g)  # (E, K*T, p)
+    g_e = groups.rows_end_to_end(g)  # (E, K*T, p)
     tokens, d, p = g_e.shape[1], a.shape[-1], g.shape[-1]
     if tokens == 1:
-        return _rank_one_terms(_augmented_square_sums(groups.tokens(a) if weight else None, bias, 1), g_e, u)
+        return _rank_one_terms(_augmented_square_sums(groups.rows_end_to_end(a) if weight else None, bias, 1), g_e, u)
     if weight and tokens * (d + p) < d * p:
         inputs = groups.shared(a, (bias, u), lambda: input_gram(groups, a, bias, u))
         return _ghost_terms(inputs, matmul(g_e, g_e.mT), u)
     terms = NormTerms(torch.zeros(g_e.shape[0], device=g.device, dtype=accumulation_dtype(g.dtype)))
-    a_e = groups.tokens(a) if weight else None
+    a_e = groups.rows_end_to_end(a) if weight else None
     if weight:
         per_example, err = matmul(g_e.mT, a_e)  # (E, p, d) gradients
         terms.norm_sq = square_sums(per_example)
@@ -126,7 +126,7 @@ def bias_sum(g: torch.Tensor) -> torch.Tensor:
     return g.sum((0, 1), dtype=accumulation_dtype(g.dtype))
 
 
-def cat_tokens(pieces: list[torch.Tensor]) -> torch.Tensor:
+def concat_calls(pieces: list[torch.Tensor]) -> torch.Tensor:
     """Per-call (B, T_i, ...) pieces of a module's calls as one (B, sum T_i, ...): a reused module's calls are one
     sequence of tokens per row. No copy for a single call."""
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces, 1)
@@ -158,20 +158,20 @@ def linear_stacked_add_(module: nn.Linear, a: torch.Tensor, g: torch.Tensor, blo
         blocks["bias"].add_(g.sum(1, dtype=accumulation_dtype(g.dtype)))
 
 
-def tokens_of(calls: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+def inputs_and_grads_of_calls(calls: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Inputs and output gradients of all calls as (B, T_total, d) and (B, T_total, p)."""
-    a = cat_tokens([_as_tokens(x) for x, _ in calls])
-    return a, cat_tokens([_as_tokens(y) for _, y in calls])
+    a = concat_calls([as_sequence(x) for x, _ in calls])
+    return a, concat_calls([as_sequence(y) for _, y in calls])
 
 
-def _as_tokens(x: torch.Tensor) -> torch.Tensor:
+def as_sequence(x: torch.Tensor) -> torch.Tensor:
     """(B, ..., d) -> (B, T, d); a (B, T, d) tensor as it is (no view op: one less host call)."""
     return x if x.dim() == 3 else x.reshape(x.shape[0], -1, x.shape[-1])
 
 
 def linear_norm(module: nn.Linear, calls: list, groups: RowGroups) -> NormTerms:
-    return weight_and_bias_norm(module, *tokens_of(calls), groups)
+    return weight_and_bias_norm(module, *inputs_and_grads_of_calls(calls), groups)
 
 
 def linear_summed_grads(module: nn.Linear, calls: list) -> dict[str, torch.Tensor]:
-    return weight_and_bias_sums(module, *tokens_of(calls))
+    return weight_and_bias_sums(module, *inputs_and_grads_of_calls(calls))

@@ -49,7 +49,7 @@ def affine_norm(module: nn.Module, calls: list, groups: RowGroups) -> NormTerms:
     u = unit_roundoff(calls[0][1].dtype)
     if u:  # rounded c * g, summed over n elements against x_hat (||x_hat||^2 <= n) and over positions for the bias
         elements = sum(g[0].numel() for _, g in calls) * groups.max_rows
-        grad_sq = sum(square_sums(groups.tokens(g.flatten(1).unsqueeze(-1))) for _, g in calls)
+        grad_sq = sum(square_sums(groups.rows_end_to_end(g.flatten(1).unsqueeze(-1))) for _, g in calls)
         terms.scaling_error_sq = u**2 * grad_sq * 2 * elements
     return terms
 

@@ -35,7 +35,7 @@ def table_norm(module: nn.Module, calls: list, groups: RowGroups) -> NormTerms:
     if u:  # an element sums n rounded c * g of its example: ||error|| <= u sqrt(n) ||G_e||
         table_size = getattr(module, TABLE).numel()
         summed = sum(g[0].numel() for _, g in calls) * groups.max_rows / table_size
-        grad_sq = sum(square_sums(groups.tokens(g.flatten(1).unsqueeze(-1))) for _, g in calls)
+        grad_sq = sum(square_sums(groups.rows_end_to_end(g.flatten(1).unsqueeze(-1))) for _, g in calls)
         terms.scaling_error_sq = u**2 * grad_sq * summed
     return terms
 
