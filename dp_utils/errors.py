@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -31,26 +32,23 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def check_writable_dir(flag: str, path: str | os.PathLike) -> None:
-    """Refuse a folder that cannot be created or written, by trying: the missing folders are made, probed with an
-    unnamed file and removed again, so nothing is left behind (root passes any `os.access` test, so ask the disk)."""
+    """Refuse a folder that cannot be created or written, by trying: an unnamed file is made and dropped in the
+    folder, or in its deepest existing parent if it does not exist yet (root passes any `os.access` test, so ask the
+    disk). Nothing is created or left behind, so processes checking the same folder at once do not race."""
     target = Path(path).expanduser().absolute()
-    created = []
     try:
-        for folder in [*reversed(target.parents), target]:
-            if folder.is_file():
-                raise UserError(f"{flag} {path}: {folder} is a file, not a folder; give another path.")
-            if not folder.exists():
-                folder.mkdir()
-                created.append(folder)
-        with tempfile.TemporaryFile(dir=target):
+        existing = next(folder for folder in [target, *target.parents] if folder.exists())
+        if not existing.is_dir():
+            raise UserError(f"{flag} {path}: {existing} is a file, not a folder; give another path.")
+        limit = os.pathconf(existing, "PC_NAME_MAX")
+        if any(len(os.fsencode(name)) > limit for name in target.relative_to(existing).parts):
+            raise OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG))
+        with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as error:
         raise UserError(
             f"{flag} {path} cannot be created or written ({error.strerror or error}); give a folder you can write."
         ) from None
-    finally:
-        for folder in reversed(created):
-            folder.rmdir()
 
 
 def check_num_workers(num_workers: int) -> None:
