@@ -25,7 +25,6 @@ import resource
 import statistics
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -34,7 +33,7 @@ from diffusers import DiTTransformer2DModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import dp_utils  # noqa: E402
-from benchmarks.profiling import MatmulFlops, OpCount, StorageTracker, layer_norms_in_fp32  # noqa: E402
+from benchmarks.profiling import MatmulFlops, OpCount, StorageTracker, layer_norms_in_fp32, step_times  # noqa: E402
 from dp_utils.training.attention import ATTENTION_BACKENDS, set_attention_backend  # noqa: E402
 from dp_utils.training.cpu_memory import retain_freed_memory  # noqa: E402
 from dp_utils.training.model import PRESETS, disable_label_dropout, dit_from_preset  # noqa: E402
@@ -179,16 +178,7 @@ def timed_steps(args, step: Callable[[], None], device: torch.device) -> tuple[l
     baseline = rss_mib()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    times = []
-    for i in range(args.warmup + args.steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i >= args.warmup:
-            times.append(time.perf_counter() - start)
+    times = step_times(step, args.warmup, args.steps, device)
     if device.type == "cuda":
         return times, torch.cuda.max_memory_allocated() / 2**30
     return times, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - baseline) / 1024

@@ -13,10 +13,11 @@
 from __future__ import annotations
 
 import contextlib
+import time
 import types
 import weakref
 from collections import Counter, defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -160,3 +161,18 @@ def layer_norms_in_fp32(model: nn.Module) -> Iterator[None]:
     finally:
         for norm in norms:
             del norm.forward
+
+
+def step_times(step: Callable[[], None], warmup: int, steps: int, device: torch.device) -> list[float]:
+    """Seconds of each of `steps` calls of `step` after `warmup` untimed ones (CUDA synchronised around each)."""
+    times = []
+    for i in range(warmup + steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return times

@@ -31,7 +31,6 @@ import json
 import platform
 import statistics
 import subprocess
-import time
 from pathlib import Path
 
 import diffusers
@@ -39,7 +38,7 @@ import opacus
 import torch
 
 import dp_utils
-from benchmarks.profiling import StorageTracker, layer_norms_in_fp32
+from benchmarks.profiling import StorageTracker, layer_norms_in_fp32, step_times
 from dp_utils.training.adapters import LORA_TARGET_MODULES, TRAINABLE, lora_config, select_trainable
 from dp_utils.training.cpu_memory import retain_freed_memory
 from dp_utils.training.model import PRESETS, disable_label_dropout, dit_from_preset
@@ -204,16 +203,7 @@ def measure(args, device: torch.device) -> dict:
                 allocator_reserved=torch.cuda.max_memory_reserved(device),
                 allocator_activations=after - before,
             )
-        times = []
-        for i in range(args.warmup + args.steps):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            begin = time.perf_counter()
-            step()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            if i >= args.warmup:
-                times.append(time.perf_counter() - begin)
+        times = step_times(step, args.warmup, args.steps, device)
     median = statistics.median(times)
     at_peak = tracker.at_peak()
     memory = dict(

@@ -44,7 +44,7 @@ from .cuda_graphs import check_cuda_graphs
 from .optimizer import DPOptimizer
 from .physical_batches import PhysicalBatchLoader
 from .randomness import generator_from_entropy, secret_seed, shared_secret_seed
-from .sampling import poisson_data_loader
+from .sampling import loading_options, poisson_data_loader
 
 GRAD_SAMPLE_MODES = (*MODES, "opacus_ghost", "opacus_hooks")
 
@@ -407,14 +407,8 @@ def _poisson_loader(data_loader: DataLoader, sample_rate: float, distributed: bo
         data_loader.dataset,
         sample_rate=sample_rate,
         collate_fn=data_loader.collate_fn,
-        num_workers=data_loader.num_workers,
-        pin_memory=data_loader.pin_memory,
-        timeout=data_loader.timeout,
-        worker_init_fn=data_loader.worker_init_fn,
-        multiprocessing_context=data_loader.multiprocessing_context,
-        prefetch_factor=data_loader.prefetch_factor,
-        persistent_workers=data_loader.persistent_workers,
         generator=generator_from_entropy(entropy),
+        **loading_options(data_loader),
     )
 
 

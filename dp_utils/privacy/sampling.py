@@ -147,12 +147,19 @@ def poisson_data_loader(
         dataset,
         batch_sampler=batch_sampler,
         collate_fn=EmptyBatchCollate(data_loader.collate_fn, sample),
+        generator=data_loader.generator,
+        **loading_options(data_loader),
+    )
+
+
+def loading_options(data_loader: DataLoader) -> dict[str, Any]:
+    """How `data_loader` loads (workers, pinning, ...): kept by a loader that samples its batches differently."""
+    return dict(
         num_workers=data_loader.num_workers,
         pin_memory=data_loader.pin_memory,
         timeout=data_loader.timeout,
         worker_init_fn=data_loader.worker_init_fn,
         multiprocessing_context=data_loader.multiprocessing_context,
-        generator=data_loader.generator,
         prefetch_factor=data_loader.prefetch_factor,
         persistent_workers=data_loader.persistent_workers,
         in_order=data_loader.in_order,
