@@ -19,7 +19,9 @@ the per-layer rules give per-example norms (ghost norm or instantiation), then
 Plan once, run many: the first backward (and any whose layer calls or shapes differ) builds a plan: the layers that
 run as one stack (linear layers of one shape, e.g. every block's q projection: their pairs are stacked and each rule
 runs once per stack, not once per layer), and the guards that walk the autograd graph. Sums go into one flat buffer
-whose views are the parameters' `.grad` (`dp_utils.clipping.flat_grads`). A padding row (mask False) contributes
+whose views are the parameters' `.grad` (`dp_utils.clipping.flat_grads`), laid out from the model alone (never from
+the data, so that every rank of a multi-process run sums the same parameter's elements) such that a stack's
+gradients are usually one block of it. A padding row (mask False) contributes
 exactly nothing: its layer inputs and output gradients are replaced by zeros before any product, so NaN or inf in
 it cannot leak into a norm or a sum.
 
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 import weakref
 from dataclasses import dataclass
 
@@ -163,6 +166,32 @@ def _names(layer: nn.Module) -> list[str]:
     return [n for n, p in layer.named_parameters(recurse=False) if p.requires_grad]
 
 
+def _gradient_layout(layers: dict[nn.Module, tuple[str, LayerRule]]) -> list[torch.Tensor]:
+    """The trainable parameters in the order of the gradient buffer, a function of the model alone.
+
+    Layers that can be stacked are grouped by kind (rule, trainable parameter names and shapes), and within a kind by
+    role (the path with its indices dropped: `blocks.#.attn.to_q`), roles in order of first appearance; each
+    parameter name of a kind is one run. A stack of the plan (same kind, same input shapes) is then one block of
+    the buffer whenever it holds whole roles that lie side by side (every block's q, k, v and out projections).
+    """
+    kinds: dict[tuple, dict[str, list[nn.Module]]] = {}
+    rest = []
+    for layer, (path, rule) in layers.items():
+        names = _names(layer)
+        if rule.stacked_add is None:
+            rest += [getattr(layer, n) for n in names]
+            continue
+        shapes = tuple((getattr(layer, n).shape, getattr(layer, n).dtype) for n in names)
+        kind = (rule, tuple(names), shapes, getattr(layer, "padding_idx", None))
+        role = re.sub(r"(^|\.)\d+(?=\.|$)", r"\1#", path)
+        kinds.setdefault(kind, {}).setdefault(role, []).append(layer)
+    ordered = []
+    for (_, names, _, _), roles in kinds.items():
+        members = [layer for role in roles.values() for layer in role]
+        ordered += [getattr(layer, n) for n in names for layer in members]
+    return ordered + rest
+
+
 def _stacked_params(layers: list[nn.Module], name: str) -> list[torch.Tensor]:
     return [getattr(layer, name) for layer in layers]
 
@@ -200,7 +229,7 @@ class ClippingEngine:
             if p.requires_grad
         }
         self._frozen = [(n, p) for n, p in module.named_parameters() if p not in self._param_names]
-        self.grads = FlatGradients(list(self._param_names))
+        self.grads = FlatGradients(_gradient_layout(self.layers))
         device = next(iter(self._param_names)).device if self._param_names else None
         self.nonfinite = None if device is None else torch.zeros((), dtype=torch.bool, device=device)
         self._plans: dict[tuple, _Plan] = {}
@@ -396,10 +425,8 @@ class ClippingEngine:
                 padding_idx = getattr(layer, "padding_idx", None)  # an embedding's, part of its rule
                 signature = (rule, trainable, padding_idx, _shape_of(c.input), _shape_of(c.grad))
                 by_signature.setdefault(signature, []).append(layer)
-            stacks = [layers for layers in by_signature.values() if len(layers) > 1]
+            stacks = [self._in_buffer_order(layers) for layers in by_signature.values() if len(layers) > 1]
             singles += [layers[0] for layers in by_signature.values() if len(layers) == 1]
-            if not self._plans:  # the first plan lays the gradient buffer out by stack: one block per stack
-                self.grads.arrange([_stacked_params(layers, name) for layers in stacks for name in _names(layers[0])])
             blocks = {
                 (i, name): self.grads.block(_stacked_params(layers, name))
                 for i, layers in enumerate(stacks)
@@ -407,6 +434,9 @@ class ClippingEngine:
             }
             plan = self._plans[key] = _Plan(stacks, singles, blocks)
         return plan
+
+    def _in_buffer_order(self, layers: list[nn.Module]) -> list[nn.Module]:
+        return sorted(layers, key=lambda layer: self.grads.views[getattr(layer, _names(layer)[0])].storage_offset())
 
     def _on_grad(self, call: _Call | None, layer_input: torch.Tensor, grad: torch.Tensor) -> None:
         if self._phase is None:

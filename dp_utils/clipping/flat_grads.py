@@ -35,18 +35,6 @@ class FlatGradients:
                 self.views[p] = flat[offset : offset + p.numel()].view(p.shape)
                 offset += p.numel()
 
-    def arrange(self, runs: list[list[torch.Tensor]]) -> None:
-        """Lay the buffers out anew so that each run of same-shaped parameters is one block (see `block`); the
-        gradients keep their values. Done once, when the engine's first plan is built."""
-        first = [p for run in runs for p in run]
-        placed = set(first)
-        held = {p: view.clone() for p, view in self.views.items() if view.any()}
-        self._lay_out(first + [p for p in self.views if p not in placed])
-        for p, view in self.views.items():
-            if p in held:
-                view.copy_(held[p])
-            p.grad = view
-
     def block(self, run: list[torch.Tensor]) -> torch.Tensor | None:
         """The (L, *shape) view of a run of L same-shaped parameters laid out one after another; None if they
         are not."""

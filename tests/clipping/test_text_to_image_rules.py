@@ -5,8 +5,9 @@ import pytest
 import torch
 from oracle import naive_clipped_sum, private_update
 from peft import LoraConfig, inject_adapter_in_model
-from text_to_image import text_batch, text_losses, tiny_transformer
+from text_to_image import CAPTION_TOKENS, text_batch, text_losses, tiny_transformer
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 import dp_utils
 from dp_utils.clipping.engine import ClippingEngine, trainable_layers
@@ -190,3 +191,29 @@ def test_sana_tables_and_norms_equal_naive_loop_with_the_depthwise_convolutions_
     scale = max(e.abs().max().item() for e in expected.values()) / ROWS
     for name, grad in expected.items():
         torch.testing.assert_close(update[name], grad / ROWS, rtol=1e-5, atol=1e-6 * scale)
+
+
+def test_gradient_layout_does_not_depend_on_the_data(tmp_path):
+    """Two ranks whose first batches differ in shape (a caption as long as the image's 16 tokens, then a shorter one:
+    SD3's context and image projections stack together or apart) lay their gradient buffers out alike, so that the
+    all-reduce sums each parameter's gradient with its own."""
+    layouts = []
+    for caption_tokens in (16, CAPTION_TOKENS):
+        model = tiny_transformer("sd3", tmp_path, dtype=torch.float64)
+        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+        loader = DataLoader(TensorDataset(torch.arange(ROWS)), batch_size=ROWS)
+        module, optimizer, criterion, _ = dp_utils.make_private(
+            module=model,
+            optimizer=optimizer,
+            data_loader=loader,
+            noise_multiplier=0.0,
+            max_grad_norm=1.0,
+            poisson_sampling=False,
+        )
+        x, t, _, pooled, target = text_batch("sd3", ROWS, dtype=torch.float64)
+        emb = torch.randn(ROWS, caption_tokens, 12, dtype=torch.float64)
+        text_losses(module, x, t, emb, pooled, target, criterion=criterion).backward()
+        grads = optimizer.privacy_engine.clipping_engine.grads
+        names = {p: n for n, p in model.named_parameters()}
+        layouts.append([(names[p], view.storage_offset()) for p, view in grads.views.items()])
+    assert sorted(layouts[0], key=lambda x: x[1]) == sorted(layouts[1], key=lambda x: x[1])
