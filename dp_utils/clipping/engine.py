@@ -206,7 +206,8 @@ def _saved_tensors_hooked() -> bool:
 
 
 class ClippingEngine:
-    """Attaches to a model in place; `backward(losses, groups)` leaves sum_e c_e g_e in every trainable `.grad`."""
+    """Attaches to a model in place; `backward(losses, groups)` adds sum_e c_e g_e (times `sum_scale`) to every
+    trainable `.grad`."""
 
     def __init__(self, module: nn.Module, max_grad_norm: float, mode: str = "flash_bk", record_norms: bool = False):
         if mode not in MODES:
@@ -222,6 +223,7 @@ class ClippingEngine:
         self.per_example_norms: torch.Tensor | None = None
         self.nonfinite: torch.Tensor | None = None  # True once a norm was not finite; the optimizer reads, clears it
         self.tainted = False  # an unclipped gradient reached a `.grad`: the sums are unusable until zeroed
+        self.sum_scale = 1.0  # the sums are of c_e g_e times this (the DP optimizer's 1 / B: no pass to scale them)
         self._param_names = {
             p: f"{path}.{n}" if path != "<root module>" else n
             for layer, (path, _) in self.layers.items()
@@ -525,7 +527,7 @@ class ClippingEngine:
             self.nonfinite = torch.zeros((), dtype=torch.bool, device=terms.norm_sq.device)
         self.nonfinite.logical_or_(~torch.isfinite(terms.norm_sq).all())  # in place: one flag, read per logical batch
         coef = (self.max_grad_norm / (terms.upper_norm() + 1e-6)).clamp(max=1.0)
-        return groups.expand(coef)
+        return groups.expand(coef if self.sum_scale == 1 else coef * self.sum_scale)
 
     def _add_clipped(self, layer: nn.Module, layer_input: torch.Tensor, grad: torch.Tensor) -> None:
         """Second pass: add one call's clipped sum; the gradient flows on unscaled, so scale a copy."""

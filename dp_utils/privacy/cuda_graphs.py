@@ -3,7 +3,7 @@ optimizer step; Python runs between replays only (accounting, logging, EMA, vali
 
 `make_private(..., cuda_graphs=True)` prepares the optimizer: the wrapped Adam/AdamW becomes capturable, and after
 WARMUP_STEPS eager noisy steps the next one is captured (noise from the secret generator, registered with the graph
-so that every replay draws fresh noise, then scale, all-reduce and the wrapped step) and replayed from then on. The
+so that every replay draws fresh noise, then all-reduce and the wrapped step) and replayed from then on. The
 finite check reads its flag before each replay and the accountant's hook runs after it, in Python.
 
 `CudaGraphedStep(physical_step, optimizer)` does the same for `physical_step(*tensors) -> DPLoss` (forward and

@@ -1,6 +1,6 @@
-"""Gaussian noise for DP-SGD, added in place: t <- scale * t + N(0, std^2 I) for every tensor t.
+"""Gaussian noise for DP-SGD, added in place: t <- t + N(0, std^2 I) for every tensor t.
 
-The scaling by 1 / batch size rides in the noise pass. On CPU, `NoiseAhead` draws the next step's noise on a
+On CPU, `NoiseAhead` draws the next step's noise on a
 background thread while the current step computes (torch's CPU sampler is serial, and its cost is that of a whole
 optimizer step), from generators expanded from 248 bits of the caller's generator, so that runs stay resumable from
 the caller's generator state. On an accelerator, `add_noise_foreach_` draws one flat normal vector per chunk of
@@ -32,7 +32,7 @@ class NoiseAhead:
 
     `start(buffers, std, generator)`, called where the buffers would be zeroed, overwrites them with N(0, std^2) on
     a worker thread while the next forward runs; the backward then adds the clipped sums onto the noise (`wait()`
-    first), and the step only scales. No zeroing pass and no noise pass remain in the step. The draws come from a
+    first), and the step adds nothing. No zeroing pass and no noise pass remain in the step. The draws come from a
     generator whose whole state is expanded from 248 bits drawn from `generator` in the caller's thread
     (`fork_entropy`), so the worker never touches the caller's generator. `discard(generator)` waits, and puts the
     generator back to its state before that fork: call it (then zero the buffers) before saving the generator's
@@ -46,7 +46,7 @@ class NoiseAhead:
         self.drawn = False  # the buffers hold (or are being filled with) the coming step's noise
 
     def start(self, buffers: list[torch.Tensor], std: float, generator: torch.Generator | None) -> None:
-        _check_std_and_scale(std, 1.0)
+        _check_std(std)
         self._state_before_fork = None if generator is None else generator.get_state()
         entropy = fork_entropy(generator, 1)[0]
         self._pending = self._worker.submit(_draw_into, buffers, entropy, std)
@@ -84,21 +84,18 @@ def add_noise_foreach_(
     tensors: list[torch.Tensor],
     std: float,
     generator: torch.Generator | None = None,
-    scale: float = 1.0,
     chunk_numel: int = CHUNK_NUMEL,
 ) -> None:
-    """t <- scale * t + std * z, z ~ N(0, I), for every t, in a few fused passes (any device; used off CPU).
+    """t <- t + std * z, z ~ N(0, I), for every t, in a few fused passes (any device; used off CPU).
 
     The tensors are grouped by device and dtype into chunks of at most `chunk_numel` elements (a larger tensor is a
     chunk alone); each chunk gets one flat `randn` from `generator`, split into views shaped like its tensors.
     """
-    _check_std_and_scale(std, scale)
+    _check_std(std)
+    if std == 0:
+        return
     with torch.no_grad():
         for chunk in tensor_chunks(tensors, chunk_numel):
-            if scale != 1:
-                torch._foreach_mul_(chunk, scale)
-            if std == 0:
-                continue
             sizes = [t.numel() for t in chunk]
             flat = torch.randn(sum(sizes), dtype=chunk[0].dtype, device=chunk[0].device, generator=generator)
             torch._foreach_add_(
@@ -107,20 +104,17 @@ def add_noise_foreach_(
             del flat  # freed before the next chunk's draw: one chunk of scratch at a time
 
 
-def add_secure_noise_(
-    tensors: list[torch.Tensor], std: float, generator: torch.Generator | None = None, scale: float = 1.0
-) -> None:
-    """t <- scale * t + N(0, std^2) with Opacus' secure_mode draws (robust to floating-point attacks).
+def add_secure_noise_(tensors: list[torch.Tensor], std: float, generator: torch.Generator | None = None) -> None:
+    """t <- t + N(0, std^2) with Opacus' secure_mode draws (robust to floating-point attacks).
 
     The same draws as `opacus.optimizers.optimizer._generate_noise(std, t, generator, secure_mode=True)`: one
     discarded sample, then (z1 + z2 + z3 + z4) / 2 with z_i ~ N(0, std^2) (Holohan et al., arXiv:2107.10138, n = 2).
     """
-    _check_std_and_scale(std, scale)
+    _check_std(std)
+    if std == 0:
+        return
     with torch.no_grad():
         for t in tensors:
-            t.mul_(scale)
-            if std == 0:
-                continue
             torch.normal(mean=0, std=std, size=(1, 1), device=t.device, generator=generator)  # thrown away
             total = torch.zeros(t.shape, device=t.device, dtype=t.dtype)
             for _ in range(4):
@@ -128,12 +122,10 @@ def add_secure_noise_(
             t.add_(total / 2)
 
 
-def _check_std_and_scale(std: float, scale: float) -> None:
+def _check_std(std: float) -> None:
     """A NaN, infinite or negative std would leave the gradients without (valid) noise: refuse it."""
     if not (math.isfinite(std) and std >= 0):
         raise NoiseError(f"The noise std must be finite and >= 0, got {std} (check noise_multiplier, max_grad_norm).")
-    if not math.isfinite(scale):
-        raise NoiseError(f"The gradient scale must be finite, got {scale}; check the expected batch size.")
 
 
 def tensor_chunks(tensors: list[torch.Tensor], max_numel: int) -> list[list[torch.Tensor]]:

@@ -1,13 +1,13 @@
 """The DP optimizer: the noisy step of DP-SGD over the clipping engine's flat gradient buffers.
 
-The engine leaves sum_e c_e g_e (every example clipped to C) in the buffers, adding each physical batch to them. At
-the end of a logical batch `step()` runs, in order: refuse sums already used or polluted by an unclipped gradient;
-refuse a non-finite per-example norm (one device flag, read once per logical batch); add the whole noise on rank 0
-and scale, grad = sum / B + N(0, (sigma C / B)^2) with B the expected logical batch size q N (each buffer in one
-pass; on CPU the noise is drawn on a worker thread into the buffers at zero_grad, under the sums to come, and
-only the scaling is left here: `noise.NoiseAhead`); sum over ranks; call the accountant's hook; step the wrapped
-optimizer. A failure before the hook leaves the step neither applied nor accounted. `.grad` is never rebound:
-zero_grad() clears the buffers in place.
+The engine leaves sum_e c_e g_e / B in the buffers (every example clipped to C; B the expected logical batch size
+q N, folded into the clip factors so that no pass over the buffers scales them), adding each physical batch to
+them. At the end of a logical batch `step()` runs, in order: refuse sums already used or polluted by an unclipped
+gradient; refuse a non-finite per-example norm (one device flag, read once per logical batch); add the noise
+N(0, (sigma C / B)^2) on rank 0 (each buffer in one pass; on CPU it is drawn on a worker thread into the buffers at
+zero_grad, under the sums to come, and nothing is left to do here: `noise.NoiseAhead`); average over ranks; call
+the accountant's hook; step the wrapped optimizer. A failure before the hook leaves the step neither applied nor
+accounted. `.grad` is never rebound: zero_grad() clears the buffers in place.
 
 Opacus' optimizers stay in use for its reference modes (`opacus_ghost`, `opacus_hooks`); this one replaces its
 fast-gradient-clipping optimizer, whose private accumulation stages we would otherwise override.
@@ -15,6 +15,7 @@ fast-gradient-clipping optimizer, whose private accumulation stages we would oth
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -47,7 +48,10 @@ class DPOptimizer(torch.optim.Optimizer):
         self.clipping_engine = clipping_engine
         self.noise_multiplier = float(noise_multiplier)
         self.max_grad_norm = float(max_grad_norm)
+        if not (math.isfinite(expected_batch_size) and expected_batch_size > 0):
+            raise ValueError(f"expected_batch_size must be a positive finite number, got {expected_batch_size!r}")
         self.expected_batch_size = float(expected_batch_size)  # per rank, as Opacus counts it
+        clipping_engine.sum_scale = 1.0 / self.expected_batch_size
         self.generator = generator
         self.secure_mode = secure_mode
         self.world_size, self.rank = world_size, rank
@@ -106,7 +110,7 @@ class DPOptimizer(torch.optim.Optimizer):
         self.clipping_engine.tainted = False
         self._sums_used = False
         grads = self.clipping_engine.grads
-        std = self.noise_multiplier * self.max_grad_norm if self.rank == 0 else 0.0  # scaled by 1 / B at the step
+        std = self.noise_std()
         on_cpu = all(b.device.type == "cpu" for b in grads.buffers)
         if std > 0 and on_cpu and not self.secure_mode and self.graphed_step is None:
             self.noise_ahead.discard(None)  # a draw not used (zero_grad twice): its buffers are overwritten
@@ -134,9 +138,9 @@ class DPOptimizer(torch.optim.Optimizer):
         self._check_sums()
         self._sums_used = True  # before the noise: a step retried after a failure would reuse partly noised sums
         if self.graphed_step is not None:
-            self.graphed_step()  # noise, scale, all-reduce and the wrapped step, replayed
+            self.graphed_step()  # noise, all-reduce and the wrapped step, replayed
         else:
-            self.add_noise_and_scale()
+            self.add_noise()
         if self.step_hook:
             self.step_hook(self)  # the accountant: only once the noise is in every gradient
         return None if self.graphed_step is not None else self.original_optimizer.step()
@@ -163,22 +167,23 @@ class DPOptimizer(torch.optim.Optimizer):
                     "scaling, or NaN/inf in the data. Call optimizer.zero_grad() before the next step."
                 )
 
-    def add_noise_and_scale(self) -> None:
-        """grad = sum / B + N(0, (sigma C / B)^2) in place; across ranks the noise is rank 0's, then the sums are
-        reduced (divided by the number of ranks, B being per rank)."""
-        scale = 1.0 / self.expected_batch_size
-        std = self.noise_multiplier * self.max_grad_norm * scale if self.rank == 0 else 0.0
+    def noise_std(self) -> float:
+        """sigma C / B on rank 0 (the only rank that adds noise), 0 elsewhere."""
+        return self.noise_multiplier * self.max_grad_norm / self.expected_batch_size if self.rank == 0 else 0.0
+
+    def add_noise(self) -> None:
+        """grad = sum / B + N(0, (sigma C / B)^2) in place (the engine scaled the sums); across ranks the noise is
+        rank 0's, then the sums are reduced (divided by the number of ranks, B being per rank)."""
         grads = self.clipping_engine.grads
         buffers = grads.buffers
-        if self.noise_ahead.drawn:  # drawn into the buffers before the sums were added: only the scaling is left
+        if self.noise_ahead.drawn:  # drawn into the buffers before the sums were added
             if grads.before_use is not None:  # a step without a backward since zero_grad
                 grads.attach()
             self.noise_ahead.drawn = False
-            torch._foreach_mul_(buffers, scale)
         elif self.secure_mode:
-            add_secure_noise_(buffers, std, self.generator, scale=scale)
+            add_secure_noise_(buffers, self.noise_std(), self.generator)
         else:
-            add_noise_foreach_(buffers, std, self.generator, scale=scale)
+            add_noise_foreach_(buffers, self.noise_std(), self.generator)
         if self.world_size > 1:
             all_reduce_in_buckets_(buffers, divisor=self.world_size)
 

@@ -59,7 +59,7 @@ def test_an_invalid_std_is_refused_before_any_change(std):
         NoiseAhead().start(grads, std, None)
     for add in (add_noise_foreach_, add_secure_noise_):
         with pytest.raises(NoiseError, match="std must be finite and >= 0"):
-            add(grads, std, None, 0.5)
+            add(grads, std, None)
     assert torch.equal(grads[0], torch.ones(10))
 
 
@@ -71,23 +71,22 @@ def test_tensor_chunks_group_by_dtype_keep_order_and_bound_the_size():
     assert chunks[0][0] is a and chunks[3][0] is d
 
 
-def test_foreach_noise_is_scale_times_grad_plus_std_times_one_draw_per_chunk():
+def test_foreach_noise_is_grad_plus_std_times_one_draw_per_chunk():
     grads = [torch.full((30, 20), 2.0), torch.full((7,), -1.0), torch.full((400,), 3.0, dtype=torch.float64)]
     originals = [g.clone() for g in grads]
-    add_noise_foreach_(grads, 0.5, torch.Generator().manual_seed(1), scale=0.25, chunk_numel=10_000)
+    add_noise_foreach_(grads, 0.5, torch.Generator().manual_seed(1), chunk_numel=10_000)
     generator = torch.Generator().manual_seed(1)
     z32, z64 = torch.randn(607, generator=generator), torch.randn(400, generator=generator, dtype=torch.float64)
-    expected = [0.25 * originals[0] + 0.5 * z32[:600].view(30, 20), 0.25 * originals[1] + 0.5 * z32[600:]]
-    expected.append(0.25 * originals[2] + 0.5 * z64)
+    expected = [originals[0] + 0.5 * z32[:600].view(30, 20), originals[1] + 0.5 * z32[600:], originals[2] + 0.5 * z64]
     for g, e in zip(grads, expected, strict=True):
         torch.testing.assert_close(g, e, rtol=1e-6, atol=1e-6)
 
 
 def test_foreach_noise_statistics_over_several_chunks():
     grads = [torch.full((20000,), 5.0), torch.full((3000,), -2.0), torch.zeros(50, 50)]
-    add_noise_foreach_(grads, 0.1, torch.Generator().manual_seed(0), scale=0.5, chunk_numel=4000)
+    add_noise_foreach_(grads, 0.1, torch.Generator().manual_seed(0), chunk_numel=4000)
     assert len(tensor_chunks(grads, 4000)) == 3
-    for g, mean in zip(grads, (2.5, -1.0, 0.0), strict=True):
+    for g, mean in zip(grads, (5.0, -2.0, 0.0), strict=True):
         n = g.numel()
         assert abs(g.mean().item() - mean) < 4 * 0.1 / n**0.5
         assert abs(g.std().item() - 0.1) < 4 * 0.1 / (2 * n) ** 0.5
@@ -97,10 +96,10 @@ def test_foreach_noise_statistics_over_several_chunks():
 def test_secure_noise_is_opacus_secure_noise():
     grads = [torch.full((50, 4), 1.5, dtype=torch.float64), torch.zeros(9, dtype=torch.float64)]
     originals = [g.clone() for g in grads]
-    add_secure_noise_(grads, 0.3, torch.Generator().manual_seed(2), scale=0.5)
+    add_secure_noise_(grads, 0.3, torch.Generator().manual_seed(2))
     generator = torch.Generator().manual_seed(2)
     for g, o in zip(grads, originals, strict=True):
-        expected = 0.5 * o + _generate_noise(0.3, o, generator, secure_mode=True)
+        expected = o + _generate_noise(0.3, o, generator, secure_mode=True)
         torch.testing.assert_close(g, expected, rtol=0, atol=1e-12)
 
 
