@@ -252,6 +252,11 @@ class ClippingEngine:
         self._terms: list[NormTerms] = []  # per layer, summed when the clip factors are computed
         self._row_factors: _RowFactors | None = None
         self._two_pass = False
+        self._device_types = {p.device.type for p in self._param_names}
+        self._cast_layers = [
+            layer for layer, (_, rule) in self.layers.items() if rule.autocast and rule.capture is None
+        ]
+        self._cast_handles: list = []
         self._handles = [
             module.register_forward_pre_hook(self._start_forward),
             module.register_forward_hook(self._end_forward),
@@ -260,13 +265,12 @@ class ClippingEngine:
             if rule.capture is not None:  # captured where its parameters are used, not at its output
                 self._handles += rule.capture(self, layer)
                 continue
-            if rule.autocast:
-                self._handles.append(layer.register_forward_pre_hook(self._cast_input))
             self._handles.append(layer.register_forward_hook(self._capture))
         self._handles += [p.register_post_accumulate_grad_hook(self._unclipped_gradient) for p in self._param_names]
 
     def detach(self) -> None:
         """Remove the hooks; the model is as before."""
+        self._cast_inputs(False)
         for handle in self._handles:
             handle.remove()
         self._handles = []
@@ -277,6 +281,7 @@ class ClippingEngine:
         self._grad_forward = torch.is_grad_enabled() and self._phase is None
         if not self._grad_forward:  # evaluation, or a recompute in the backward
             return
+        self._cast_inputs(any(torch.is_autocast_enabled(device) for device in self._device_types))
         if any(node() is not None for node in self._nodes):
             raise RuntimeError(
                 "The private model ran a second forward before the backward of the first: the engine clips one "
@@ -288,6 +293,18 @@ class ClippingEngine:
 
     def _end_forward(self, module, args, output):
         self._last_cast, self._grad_forward = None, False
+
+    def _cast_inputs(self, on: bool) -> None:
+        """Hook `_cast_input` before the linear and convolution layers while forwards run under autocast only (a
+        hook costs a Python call per layer and forward)."""
+        if on and not self._cast_handles:
+            self._cast_handles = [
+                layer.register_forward_pre_hook(self._cast_input, prepend=True) for layer in self._cast_layers
+            ]
+        elif not on and self._cast_handles:
+            for handle in self._cast_handles:
+                handle.remove()
+            self._cast_handles = []
 
     def _cast_input(self, layer, args):
         """Under autocast, hand the layer its input in the dtype autocast computes it in (one copy, shared)."""
