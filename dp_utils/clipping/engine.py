@@ -21,15 +21,15 @@ run as one stack (linear layers of one shape, e.g. every block's q projection: t
 runs once per stack, not once per layer), and the guards that walk the autograd graph. Sums go into one flat buffer
 whose views are the parameters' `.grad` (`dp_utils.clipping.flat_grads`), laid out from the model alone (never from
 the data, so that every rank of a multi-process run sums the same parameter's elements) such that a stack's
-gradients are usually one block of it. A padding row (mask False) contributes
-exactly nothing: its layer inputs and output gradients are replaced by zeros before any product, so NaN or inf in
-it cannot leak into a norm or a sum.
+gradients are usually one block of it. A padding row (mask False) contributes exactly nothing: its layer inputs and
+output gradients are replaced by zeros before any product, so NaN or inf in it cannot leak into a norm or a sum.
 
 Under autocast, inputs of linear and convolution layers are cast once (shared by the layers reading one tensor, e.g.
 q, k, v) to the dtype the layer computes in, so the engine keeps and multiplies what the layer itself uses.
 Nothing outlives the backward: every captured tensor is released when it ends. A gradient the engine did not clip
 is refused: a parameter used outside its layer, a backward not driven by the engine, a second forward before the
-first one's backward. Noise and scaling are the optimizer's (`dp_utils.privacy.optimizer`).
+first one's backward. Noise is the optimizer's (`dp_utils.privacy.optimizer`), and so is the 1 / B that rides in
+the clip factors (`sum_scale`).
 """
 
 from __future__ import annotations

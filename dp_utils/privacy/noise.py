@@ -1,10 +1,10 @@
 """Gaussian noise for DP-SGD, added in place: t <- t + N(0, std^2 I) for every tensor t.
 
-On CPU, `NoiseAhead` draws the next step's noise on a
-background thread while the current step computes (torch's CPU sampler is serial, and its cost is that of a whole
-optimizer step), from generators expanded from 248 bits of the caller's generator, so that runs stay resumable from
-the caller's generator state. On an accelerator, `add_noise_foreach_` draws one flat normal vector per chunk of
-tensors and applies it with `torch._foreach_mul_` / `torch._foreach_add_` (a few kernels, not three per tensor).
+On CPU, `NoiseAhead` draws the next step's noise on a background thread while the current step computes (torch's CPU
+sampler is serial, and its cost is that of a whole optimizer step), from generators expanded from 248 bits of the
+caller's generator, so that runs stay resumable from the caller's generator state. On an accelerator,
+`add_noise_foreach_` draws one flat normal vector per chunk of tensors and adds it with `torch._foreach_add_` (a few
+kernels, not two per tensor).
 
 A step whose noise is not in every gradient must never be taken: a failure, in any thread, raises `NoiseError` in
 the caller's thread, so that the optimizer neither applies nor accounts the step.
