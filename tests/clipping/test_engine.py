@@ -262,3 +262,21 @@ def test_dit_stacks_are_blocks_of_the_gradient_buffer(tmp_path):
     dit_losses(module, *dit_batch(4), criterion=criterion).backward()
     (plan,) = optimizer.privacy_engine.clipping_engine._plans.values()
     assert len(plan.stacks) >= 4 and all(block is not None for block in plan.blocks.values())
+
+
+def test_input_casts_are_hooked_only_while_forwards_run_under_autocast(tmp_path):
+    model = tiny_dit(tmp_path)
+    engine = ClippingEngine(model, 1.0)
+    q = model.transformer_blocks[0].attn1.to_q
+    x, t, y, _ = dit_batch(2)
+
+    def hooks_after_forward(autocast: bool) -> int:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            model(x, timestep=t, class_labels=y)
+        engine._release()
+        return len(q._forward_pre_hooks)
+
+    assert [hooks_after_forward(a) for a in (False, True, True, False)] == [0, 1, 1, 0]
+    hooks_after_forward(True)
+    engine.detach()
+    assert len(q._forward_pre_hooks) == 0 and len(q._forward_hooks) == 0
