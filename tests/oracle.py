@@ -65,24 +65,32 @@ def naive_clipped_sum(model, losses_fn, batch, max_grad_norm: float, group_ids: 
     return total, torch.stack(norms)
 
 
-def private_update(model, losses_fn, batch, max_grad_norm: float, mode: str, num_examples: int, **criterion_kwargs):
-    """The gradient one make_private step applies (SGD, lr=1, noise 0, expected batch = num_examples).
-
-    That is the parameter change; read from `.grad` because `before - after` rounds small updates in fp32.
-    """
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+def noise_free_private(model, num_examples: int, max_grad_norm: float = 1.0, **make_private_kwargs):
+    """(module, optimizer, criterion) of make_private over SGD (lr 1) without noise, for one batch of all
+    `num_examples` examples (no Poisson sampling)."""
     loader = DataLoader(TensorDataset(torch.arange(num_examples)), batch_size=num_examples)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
-    multiplicity = criterion_kwargs.pop("noise_multiplicity", 1)
     module, optimizer, criterion, _ = dp_utils.make_private(
         module=model,
         optimizer=optimizer,
         data_loader=loader,
         noise_multiplier=0.0,
         max_grad_norm=max_grad_norm,
-        grad_sample_mode=mode,
         poisson_sampling=False,
-        noise_multiplicity=multiplicity,
+        **make_private_kwargs,
+    )
+    return module, optimizer, criterion
+
+
+def private_update(model, losses_fn, batch, max_grad_norm: float, mode: str, num_examples: int, **criterion_kwargs):
+    """The gradient one make_private step applies (SGD, lr=1, noise 0, expected batch = num_examples).
+
+    That is the parameter change; read from `.grad` because `before - after` rounds small updates in fp32.
+    """
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    multiplicity = criterion_kwargs.pop("noise_multiplicity", 1)
+    module, optimizer, criterion = noise_free_private(
+        model, num_examples, max_grad_norm, grad_sample_mode=mode, noise_multiplicity=multiplicity
     )
     engine = optimizer.privacy_engine.clipping_engine
     if engine is not None:

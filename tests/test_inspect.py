@@ -7,6 +7,7 @@ import pytest
 import torch
 from conftest import TINY
 from diffusers import DiTTransformer2DModel
+from oracle import noise_free_private
 from torch import nn
 
 from dp_utils.inspect import build_model, dit_inputs, inspect_model, main, norm_method, parse_args
@@ -90,7 +91,6 @@ def test_norm_method_follows_the_linear_rule_cost_test(tokens, d, p, expected):
 def test_methods_are_the_ones_the_engine_runs(monkeypatch):
     """The inspector's choice against the engine's own: count the rule's rank-one and ghost paths in a real backward
     (private names of rules/linear.py: rename them here when the rule changes)."""
-    import dp_utils
     from dp_utils.clipping.rules import linear
 
     ran, examples = Counter(), 2
@@ -110,16 +110,7 @@ def test_methods_are_the_ones_the_engine_runs(monkeypatch):
     report = inspect_model(model, dit_inputs(model, 2, 6), 48, "full", bf16=False)
     expected = Counter(layer.method for layer in report.layers if layer.kind in ("Linear", "Conv2d"))
     assert expected["ghost"] and expected["instantiate"] and expected["rank-one"]  # all three paths are exercised
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.arange(2)), batch_size=2)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    private, _, criterion, _ = dp_utils.make_private(
-        module=model,
-        optimizer=optimizer,
-        data_loader=loader,
-        noise_multiplier=0.0,
-        max_grad_norm=1.0,
-        poisson_sampling=False,
-    )
+    private, _, criterion = noise_free_private(model, 2)
     inputs = dit_inputs(model, 2, 6)
     inputs["hidden_states"] = torch.randn_like(inputs["hidden_states"])
     criterion(private(**inputs).sample[:, :4], torch.randn(2, 4, 6, 6)).backward()

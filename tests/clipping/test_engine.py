@@ -2,7 +2,15 @@
 
 import pytest
 import torch
-from oracle import dit_batch, dit_losses, naive_clipped_sum, private_update, relative_error, tiny_dit
+from oracle import (
+    dit_batch,
+    dit_losses,
+    naive_clipped_sum,
+    noise_free_private,
+    private_update,
+    relative_error,
+    tiny_dit,
+)
 from torch import nn
 
 import dp_utils
@@ -253,12 +261,7 @@ def test_stacks_without_a_block_of_the_buffer_add_through_a_temporary(tmp_path, 
 def test_dit_stacks_are_blocks_of_the_gradient_buffer(tmp_path):
     """The buffer, laid out from the model alone, holds each of a DiT's stacks (every block's q, k, v and out
     projections; every block's embedders but the reused first) as one block: their sums are added in place."""
-    model = tiny_dit(tmp_path)
-    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.arange(4)), batch_size=4)
-    module, optimizer, criterion, _ = dp_utils.make_private(
-        module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=0.0, max_grad_norm=1.0
-    )
+    module, optimizer, criterion = noise_free_private(tiny_dit(tmp_path), 4)
     dit_losses(module, *dit_batch(4), criterion=criterion).backward()
     (plan,) = optimizer.privacy_engine.clipping_engine._plans.values()
     assert len(plan.stacks) >= 4 and all(block is not None for block in plan.blocks.values())

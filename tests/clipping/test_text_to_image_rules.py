@@ -3,11 +3,10 @@ transformers clip exactly as the float64 one-example loop, per parameter."""
 
 import pytest
 import torch
-from oracle import naive_clipped_sum, private_update
+from oracle import naive_clipped_sum, noise_free_private, private_update
 from peft import LoraConfig, inject_adapter_in_model
 from text_to_image import CAPTION_TOKENS, text_batch, text_losses, tiny_transformer
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 import dp_utils
 from dp_utils.clipping.engine import ClippingEngine, trainable_layers
@@ -200,16 +199,7 @@ def test_gradient_layout_does_not_depend_on_the_data(tmp_path):
     layouts = []
     for caption_tokens in (16, CAPTION_TOKENS):
         model = tiny_transformer("sd3", tmp_path, dtype=torch.float64)
-        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
-        loader = DataLoader(TensorDataset(torch.arange(ROWS)), batch_size=ROWS)
-        module, optimizer, criterion, _ = dp_utils.make_private(
-            module=model,
-            optimizer=optimizer,
-            data_loader=loader,
-            noise_multiplier=0.0,
-            max_grad_norm=1.0,
-            poisson_sampling=False,
-        )
+        module, optimizer, criterion = noise_free_private(model, ROWS)
         x, t, _, pooled, target = text_batch("sd3", ROWS, dtype=torch.float64)
         emb = torch.randn(ROWS, caption_tokens, 12, dtype=torch.float64)
         text_losses(module, x, t, emb, pooled, target, criterion=criterion).backward()
