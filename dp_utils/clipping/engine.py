@@ -77,7 +77,7 @@ class _Plan:
 
     stacks: list[list[nn.Module]]  # layers whose pairs are stacked and handled as one (one call each, one shape)
     singles: list[nn.Module]  # every other layer with answered calls, each on its own
-    blocks: dict[tuple[int, str], torch.Tensor | None]  # (stack, parameter name) -> its (L, *shape) gradient block
+    blocks: list[dict[str, torch.Tensor | None]]  # per stack: parameter name -> its (L, *shape) gradient block
 
 
 class _ForwardMarker(torch.autograd.Function):
@@ -192,10 +192,6 @@ def _gradient_layout(layers: dict[nn.Module, tuple[str, LayerRule]]) -> list[tor
     return ordered + rest
 
 
-def _stacked_params(layers: list[nn.Module], name: str) -> list[torch.Tensor]:
-    return [getattr(layer, name) for layer in layers]
-
-
 def _shape_of(x: torch.Tensor | None) -> tuple | None:
     return None if x is None else (x.shape, x.dtype)
 
@@ -231,6 +227,7 @@ class ClippingEngine:
             if p.requires_grad
         }
         self._frozen = [(n, p) for n, p in module.named_parameters() if p not in self._param_names]
+        self._own_params = {layer: [getattr(layer, n) for n in _names(layer)] for layer in self.layers}
         self.grads = FlatGradients(_gradient_layout(self.layers))
         device = next(iter(self._param_names)).device if self._param_names else None
         self.nonfinite = None if device is None else torch.zeros((), dtype=torch.bool, device=device)
@@ -383,10 +380,10 @@ class ClippingEngine:
             return
         calls = [c for layer_calls in self._calls.values() for c in layer_calls]
         fast = [c for c in calls if c.edge is not None]
-        guard_key = tuple((id(c.layer), c.edge is None, _shape_of(c.input)) for c in calls)
-        if guard_key not in self._guarded:  # a new set of calls or shapes: walk the graph once
+        calls_key = tuple((id(c.layer), c.edge is None, _shape_of(c.input)) for c in calls)
+        if calls_key not in self._guarded:  # a new set of calls or shapes: walk the graph once
             self._check_graph(losses, fast)
-            self._guarded.add(guard_key)
+            self._guarded.add(calls_key)
         self._groups, self._terms, self._normed = groups, [], set()
         self._pad = None if mask is None else ~mask.to(losses.device, torch.bool).view(-1)
         self._two_pass = self.mode == "flash" or self._recomputed
@@ -395,7 +392,7 @@ class ClippingEngine:
         # The last pass also reaches the parameters of layers whose input needs no gradient: autograd runs (and
         # frees) a node only on a path to what it is asked for, and nothing else would free what those layers saved
         # for their weight gradient while the caller holds the loss. Those few small gradients are discarded.
-        first = [p for layer in self._first_layers for p in layer.parameters() if p in self._param_names]
+        first = [p for layer in self._first_layers for p in self._own_params[layer]]
         try:
             self._phase = "norms"  # norms of reported pairs accumulate as they arrive
             targets = anchors + edges if self._two_pass else anchors + edges + first
@@ -404,7 +401,7 @@ class ClippingEngine:
                 c.grad = grad
             del grads  # each output gradient is then held by its call alone, and freed once stacked
             with torch.no_grad():  # the engine's own arithmetic must not build a graph on the stored activations
-                plan = self._plan(calls)
+                plan = self._plan(calls, calls_key)
                 row_coef = self._clip_factors(losses, groups, plan)
                 if not self._two_pass:
                     self._book_keeping(row_coef, plan)
@@ -423,9 +420,9 @@ class ClippingEngine:
             self._phase, self._groups, self._terms, self._row_factors, self._pad = None, None, [], None, None
             self._release()
 
-    def _plan(self, calls: list[_Call]) -> _Plan:
+    def _plan(self, calls: list[_Call], calls_key: tuple) -> _Plan:
         """The stacks and single layers of these answered calls; built once per set of calls and shapes."""
-        key = (self._two_pass, *((id(c.layer), _shape_of(c.input), _shape_of(c.grad)) for c in calls))
+        key = (self._two_pass, calls_key, *(_shape_of(c.grad) for c in calls))
         plan = self._plans.get(key)
         if plan is None:
             by_signature: dict[tuple, list[nn.Module]] = {}
@@ -446,11 +443,10 @@ class ClippingEngine:
                 by_signature.setdefault(signature, []).append(layer)
             stacks = [self._in_buffer_order(layers) for layers in by_signature.values() if len(layers) > 1]
             singles += [layers[0] for layers in by_signature.values() if len(layers) == 1]
-            blocks = {
-                (i, name): self.grads.block(_stacked_params(layers, name))
-                for i, layers in enumerate(stacks)
-                for name in _names(layers[0])
-            }
+            blocks = [
+                {name: self.grads.block([getattr(layer, name) for layer in layers]) for name in _names(layers[0])}
+                for layers in stacks
+            ]
             plan = self._plans[key] = _Plan(stacks, singles, blocks)
         return plan
 
@@ -560,7 +556,7 @@ class ClippingEngine:
             layers, inputs, grads = stacked[index]
             stacked[index] = None
             grads.view(len(layers), rows, *grads.shape[1:]).mul_(factors.for_grad(grads[:rows]))
-            self._accumulate_stacked(layers, inputs, grads, {n: plan.blocks[index, n] for n in _names(layers[0])})
+            self._accumulate_stacked(layers, inputs, grads, plan.blocks[index])
             del layers, inputs, grads
         answered = {layer: [c for c in calls if c.grad is not None] for layer, calls in self._calls.items()}
         self._scale_output_grads([c for calls in answered.values() for c in calls], factors)
