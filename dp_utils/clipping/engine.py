@@ -1,7 +1,7 @@
 """The clipping engine: exact per-example gradient norms and clipped gradient sums without per-example gradients.
 
-Every module that owns trainable parameters gets a forward hook that records the call: its input, and the edge of
-the autograd graph its output leaves by. The backward is one `torch.autograd.grad` towards those edges, which hands
+Every module that owns trainable parameters records each of its calls (its forward is wrapped, `_CapturedForward`):
+its input, and the edge of the autograd graph its output leaves by. The backward is one `torch.autograd.grad` towards those edges, which hands
 back every layer's output gradient at once; autograd computes activation gradients only, never parameter
 gradients, and no Python runs inside it. (Under activation checkpointing or offloading, and in mode flash, each
 output instead passes through an identity autograd function that saves the layer input as autograd saves any
@@ -35,6 +35,7 @@ the clip factors (`sum_scale`).
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import re
 import weakref
@@ -106,6 +107,37 @@ class _CatchGrad(torch.autograd.Function):
     def backward(ctx, grad):
         ctx.engine._on_grad(ctx.call, ctx.saved_tensors[0], grad)
         return grad, None, None, None, None
+
+
+class _CapturedForward:
+    """Runs in place of a layer's `forward` (an instance attribute, as accelerate's and peft's wrappers are) and
+    records each call; `remove()` puts the layer's own forward back. Not a forward hook: any hook sends every call
+    of the module through nn.Module's slow call path, which costs more than the capture itself on a host-bound
+    step. Under autocast (layers whose rule asks for it) the input is first cast to the dtype the layer computes
+    in, once for all the layers that read it."""
+
+    def __init__(self, engine: ClippingEngine, layer: nn.Module, cast: bool):
+        self.engine, self.layer = engine, layer
+        # the device whose autocast state decides the cast (the engine's buffers fix the layer's device)
+        self.cast_on = next(layer.parameters()).device.type if cast else None
+        self.own = layer.__dict__.get("forward")  # a wrapper some library set before us, restored by remove()
+        self.forward = layer.forward
+        functools.update_wrapper(self, self.forward)  # inspect.signature(layer.forward) still reads the layer's
+        layer.forward = self
+
+    def __call__(self, *args, **kwargs):
+        if self.cast_on is not None and torch.is_autocast_enabled(self.cast_on):
+            args = self.engine._cast_input(args)
+        output = self.forward(*args, **kwargs)
+        captured = self.engine._capture(self.layer, args, output)
+        return output if captured is None else captured
+
+    def remove(self) -> None:
+        if self.layer.__dict__.get("forward") is self:
+            if self.own is None:
+                del self.layer.forward
+            else:
+                self.layer.forward = self.own
 
 
 def trainable_layers(module: nn.Module) -> dict[nn.Module, tuple[str, LayerRule]]:
@@ -249,11 +281,6 @@ class ClippingEngine:
         self._terms: list[NormTerms] = []  # per layer, summed when the clip factors are computed
         self._row_factors: _RowFactors | None = None
         self._two_pass = False
-        self._device_types = {p.device.type for p in self._param_names}
-        self._cast_layers = [
-            layer for layer, (_, rule) in self.layers.items() if rule.autocast and rule.capture is None
-        ]
-        self._cast_handles: list = []
         self._handles = [
             module.register_forward_pre_hook(self._start_forward),
             module.register_forward_hook(self._end_forward),
@@ -262,12 +289,11 @@ class ClippingEngine:
             if rule.capture is not None:  # captured where its parameters are used, not at its output
                 self._handles += rule.capture(self, layer)
                 continue
-            self._handles.append(layer.register_forward_hook(self._capture))
+            self._handles.append(_CapturedForward(self, layer, rule.autocast))
         self._handles += [p.register_post_accumulate_grad_hook(self._unclipped_gradient) for p in self._param_names]
 
     def detach(self) -> None:
         """Remove the hooks; the model is as before."""
-        self._cast_inputs(False)
         for handle in self._handles:
             handle.remove()
         self._handles = []
@@ -278,7 +304,6 @@ class ClippingEngine:
         self._grad_forward = torch.is_grad_enabled() and self._phase is None
         if not self._grad_forward:  # evaluation, or a recompute in the backward
             return
-        self._cast_inputs(any(torch.is_autocast_enabled(device) for device in self._device_types))
         if any(node() is not None for node in self._nodes):
             raise RuntimeError(
                 "The private model ran a second forward before the backward of the first: the engine clips one "
@@ -291,27 +316,14 @@ class ClippingEngine:
     def _end_forward(self, module, args, output):
         self._last_cast, self._grad_forward = None, False
 
-    def _cast_inputs(self, on: bool) -> None:
-        """Hook `_cast_input` before the linear and convolution layers while forwards run under autocast only (a
-        hook costs a Python call per layer and forward)."""
-        if on and not self._cast_handles:
-            self._cast_handles = [
-                layer.register_forward_pre_hook(self._cast_input, prepend=True) for layer in self._cast_layers
-            ]
-        elif not on and self._cast_handles:
-            for handle in self._cast_handles:
-                handle.remove()
-            self._cast_handles = []
-
-    def _cast_input(self, layer, args):
-        """Under autocast, hand the layer its input in the dtype autocast computes it in (one copy, shared)."""
-        x = args[0]
-        device = x.device.type
-        if not (torch.is_autocast_enabled(device) and x.is_floating_point() and x.dtype != torch.float64):
-            return None
-        dtype = torch.get_autocast_dtype(device)
+    def _cast_input(self, args: tuple) -> tuple:
+        """Under autocast, the layer's input in the dtype autocast computes it in (one copy, shared)."""
+        x = args[0] if args else None
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dtype == torch.float64:
+            return args
+        dtype = torch.get_autocast_dtype(x.device.type)
         if x.dtype == dtype:
-            return None
+            return args
         last = self._last_cast
         if last is None or last[0] is not x or last[1] != x._version:
             last = self._last_cast = (x, x._version, x.to(dtype))

@@ -267,19 +267,23 @@ def test_dit_stacks_are_blocks_of_the_gradient_buffer(tmp_path):
     assert len(plan.stacks) >= 4 and all(block is not None for blocks in plan.blocks for block in blocks.values())
 
 
-def test_input_casts_are_hooked_only_while_forwards_run_under_autocast(tmp_path):
+def test_layers_keep_the_hook_free_call_path_and_get_their_forward_back(tmp_path):
+    """Calls are recorded by a wrapper of each layer's forward, not by hooks (any hook sends every call through
+    nn.Module's slow path); under autocast the wrapper hands q, k and v one shared cast of their input; detach()
+    puts each layer's own forward back, also one another library had set."""
     model = tiny_dit(tmp_path)
+    attn = model.transformer_blocks[0].attn1
+    marker = attn.to_out[0].forward  # an instance attribute, as accelerate's hooks set one
+    attn.to_out[0].forward = marker
     engine = ClippingEngine(model, 1.0)
-    q = model.transformer_blocks[0].attn1.to_q
     x, t, y, _ = dit_batch(2)
-
-    def hooks_after_forward(autocast: bool) -> int:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            model(x, timestep=t, class_labels=y)
-        engine._release()
-        return len(q._forward_pre_hooks)
-
-    assert [hooks_after_forward(a) for a in (False, True, True, False)] == [0, 1, 1, 0]
-    hooks_after_forward(True)
+    layers = [sub for sub in model.modules() if isinstance(sub, torch.nn.Linear)]
+    assert all(not sub._forward_hooks and not sub._forward_pre_hooks for sub in layers)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(x, timestep=t, class_labels=y)
+    q, k, v = (engine._calls[proj][0].input for proj in (attn.to_q, attn.to_k, attn.to_v))
+    assert q.dtype == torch.bfloat16 and q is k is v
+    engine._release()
     engine.detach()
-    assert len(q._forward_pre_hooks) == 0 and len(q._forward_hooks) == 0
+    assert attn.to_out[0].forward is marker
+    assert all("forward" not in sub.__dict__ for sub in layers if sub is not attn.to_out[0])
