@@ -1,12 +1,12 @@
 """The clipping engine: exact per-example gradient norms and clipped gradient sums without per-example gradients.
 
 Every module that owns trainable parameters records each of its calls (its forward is wrapped, `_CapturedForward`):
-its input, and the edge of the autograd graph its output leaves by. The backward is one `torch.autograd.grad` towards those edges, which hands
-back every layer's output gradient at once; autograd computes activation gradients only, never parameter
-gradients, and no Python runs inside it. (Under activation checkpointing or offloading, and in mode flash, each
-output instead passes through an identity autograd function that saves the layer input as autograd saves any
-tensor, so that it is recomputed, and reports (input, output gradient) as the backward reaches it.) From the pairs
-the per-layer rules give per-example norms (ghost norm or instantiation), then
+its input, and the edge of the autograd graph its output leaves by. The backward is one `torch.autograd.grad`
+towards those edges, which hands back every layer's output gradient at once; autograd computes activation gradients
+only, never parameter gradients, and no Python runs inside it. (Under activation checkpointing or offloading, and in
+mode flash, each output instead passes through an identity autograd function that saves the layer input as autograd
+saves any tensor, so that it is recomputed, and reports (input, output gradient) as the backward reaches it.) From
+the pairs the per-layer rules give per-example norms (ghost norm or instantiation), then
 
     norms:  ||g_e||^2 = sum over layers of the layer's per-example squared norm    (all calls, all rows of e)
     clip:   c_e = min(1, C / (||g_e|| + rounding bound))                              (`dp_utils.clipping.precision`)
