@@ -112,9 +112,9 @@ class _CatchGrad(torch.autograd.Function):
 class _CapturedForward:
     """Runs in place of a layer's `forward` (an instance attribute, as accelerate's and peft's wrappers are) and
     records each call; `remove()` puts the layer's own forward back. Not a forward hook: any hook sends every call
-    of the module through nn.Module's slow call path, which costs more than the capture itself on a host-bound
-    step. Under autocast (layers whose rule asks for it) the input is first cast to the dtype the layer computes
-    in, once for all the layers that read it."""
+    of the module through nn.Module's slow call path, a cost per layer and step on a host-bound step. Under autocast
+    (layers whose rule asks for it) the input is first cast to the dtype the layer computes in, once for all the
+    layers that read it."""
 
     def __init__(self, engine: ClippingEngine, layer: nn.Module, cast: bool):
         self.engine, self.layer = engine, layer
@@ -293,7 +293,7 @@ class ClippingEngine:
         self._handles += [p.register_post_accumulate_grad_hook(self._unclipped_gradient) for p in self._param_names]
 
     def detach(self) -> None:
-        """Remove the hooks; the model is as before."""
+        """Remove the hooks and forward wrappers; the model is as before."""
         for handle in self._handles:
             handle.remove()
         self._handles = []
