@@ -20,7 +20,7 @@ import torch
 from .randomness import fork_entropy, generator_from_entropy
 
 CHUNK_NUMEL = 2**26  # elements per flat draw on an accelerator: 256 MiB of fp32 scratch at most
-DRAW_BLOCK_NUMEL = 2**16  # elements per normal_ call of a CPU draw
+DRAW_BLOCK_NUMEL = 2**20  # elements per normal_ call of a CPU draw
 
 
 class NoiseError(RuntimeError):
@@ -72,7 +72,7 @@ class NoiseAhead:
 
 def _draw_into(draws: list[torch.Tensor], entropy: list[int], std: float) -> None:
     """N(0, std^2) values into every tensor, from a generator expanded from `entropy`; in blocks of
-    DRAW_BLOCK_NUMEL elements, which torch's CPU sampler fills faster than one long tensor."""
+    DRAW_BLOCK_NUMEL elements: few blocks, since the worker takes the GIL back from the main thread between two."""
     generator = generator_from_entropy(entropy)
     with torch.no_grad():
         for z in draws:

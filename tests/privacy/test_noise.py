@@ -12,7 +12,9 @@ def tensors():
     return [torch.zeros(300, 200), torch.zeros(5000), torch.zeros(7), torch.zeros(70_000)]
 
 
-def test_noise_drawn_into_the_buffers_has_the_asked_std_and_is_fresh_every_step():
+def test_noise_drawn_into_the_buffers_has_the_asked_std_and_is_fresh_every_step(monkeypatch):
+    block = 4096  # several blocks per tensor, whatever the default block size
+    monkeypatch.setattr(noise_module, "DRAW_BLOCK_NUMEL", block)
     noise, generator, steps = NoiseAhead(), torch.Generator().manual_seed(0), []
     buffers = tensors()
     for _ in range(3):
@@ -24,7 +26,6 @@ def test_noise_drawn_into_the_buffers_has_the_asked_std_and_is_fresh_every_step(
         assert abs(steps[-1].mean().item()) < 4 * 0.3 / n**0.5
         assert all(b.std() > 0.2 for b in buffers if b.numel() > 100)  # every tensor got noise
     assert not torch.equal(steps[0], steps[1]) and not torch.equal(steps[1], steps[2])
-    block = noise_module.DRAW_BLOCK_NUMEL
     assert not torch.equal(steps[0][:block], steps[0][block : 2 * block])  # blocks of one draw are not repeated
 
 
