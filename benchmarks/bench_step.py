@@ -235,7 +235,12 @@ def main(args):
 
 
 def parse_args(input_args=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    return build_parser(__doc__).parse_args(input_args)
+
+
+def build_parser(description: str) -> argparse.ArgumentParser:
+    """The flags that say what step to time (also `interleaved_step.py`'s)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--model",
         choices=[*PRESETS, "XL-proxy"],
@@ -263,7 +268,7 @@ def parse_args(input_args=None):
     )
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="Modes to compare.")
     parser.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)  # internal: run one mode in this process
-    return parser.parse_args(input_args)
+    return parser
 
 
 if __name__ == "__main__":
