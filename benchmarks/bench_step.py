@@ -129,13 +129,19 @@ def graphed(step: Callable[[], None], optimizer: torch.optim.Optimizer) -> Calla
     return graph.replay
 
 
-def run_mode(args) -> dict:
-    """Time one mode in this process; returns its figures."""
-    torch.manual_seed(0)
+def prepare_process(args) -> tuple[torch.device, bool]:
+    """The device to time on, with torch's threads set and, on CPU, glibc keeping freed memory (unless
+    --default_malloc); whether it does."""
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    retained = device.type == "cpu" and not args.default_malloc and retain_freed_memory()
+    return device, device.type == "cpu" and not args.default_malloc and retain_freed_memory()
+
+
+def run_mode(args) -> dict:
+    """Time one mode in this process; returns its figures."""
+    torch.manual_seed(0)
+    device, retained = prepare_process(args)
     model = build_model(args, device)
     step, trainable, frozen = training_step(args, model, device)
     gpu_layer_norms = args.bf16 and device.type == "cpu"

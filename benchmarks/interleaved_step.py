@@ -20,8 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.bench_step import build_model, build_parser, training_step  # noqa: E402
-from dp_utils.training.cpu_memory import retain_freed_memory  # noqa: E402
+from benchmarks.bench_step import build_model, build_parser, prepare_process, training_step  # noqa: E402
 
 
 def interleaved_times(args, device: torch.device) -> dict[str, list[float]]:
@@ -44,11 +43,7 @@ def interleaved_times(args, device: torch.device) -> dict[str, list[float]]:
 
 
 def main(args):
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cpu" and not args.default_malloc:
-        retain_freed_memory()
+    device, _ = prepare_process(args)
     medians = {mode: statistics.median(t) for mode, t in interleaved_times(args, device).items()}
     base = medians.get("non_private")
     timed = (args.rounds - 1) * (args.block - args.settle)
