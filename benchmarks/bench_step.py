@@ -33,9 +33,15 @@ from diffusers import DiTTransformer2DModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import dp_utils  # noqa: E402
-from benchmarks.profiling import MatmulFlops, OpCount, StorageTracker, layer_norms_in_fp32, step_times  # noqa: E402
+from benchmarks.profiling import (  # noqa: E402
+    MatmulFlops,
+    OpCount,
+    StorageTracker,
+    layer_norms_in_fp32,
+    prepare_process,
+    step_times,
+)
 from dp_utils.training.attention import ATTENTION_BACKENDS, set_attention_backend  # noqa: E402
-from dp_utils.training.cpu_memory import retain_freed_memory  # noqa: E402
 from dp_utils.training.model import PRESETS, disable_label_dropout, dit_from_preset  # noqa: E402
 
 MODES = ("non_private", "flash_bk", "flash", "opacus_ghost", "opacus_hooks")
@@ -129,19 +135,10 @@ def graphed(step: Callable[[], None], optimizer: torch.optim.Optimizer) -> Calla
     return graph.replay
 
 
-def prepare_process(args) -> tuple[torch.device, bool]:
-    """The device to time on, with torch's threads set and, on CPU, glibc keeping freed memory (unless
-    --default_malloc); whether it does."""
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return device, device.type == "cpu" and not args.default_malloc and retain_freed_memory()
-
-
 def run_mode(args) -> dict:
     """Time one mode in this process; returns its figures."""
     torch.manual_seed(0)
-    device, retained = prepare_process(args)
+    device, retained = prepare_process(args.threads, args.default_malloc)
     model = build_model(args, device)
     step, trainable, frozen = training_step(args, model, device)
     gpu_layer_norms = args.bf16 and device.type == "cpu"

@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.bench_step import build_model, build_parser, prepare_process, training_step  # noqa: E402
+from benchmarks.bench_step import build_model, build_parser, training_step  # noqa: E402
+from benchmarks.profiling import prepare_process  # noqa: E402
 
 
 def interleaved_times(args, device: torch.device) -> dict[str, list[float]]:
@@ -43,7 +44,7 @@ def interleaved_times(args, device: torch.device) -> dict[str, list[float]]:
 
 
 def main(args):
-    device, _ = prepare_process(args)
+    device, _ = prepare_process(args.threads, args.default_malloc)
     medians = {mode: statistics.median(t) for mode, t in interleaved_times(args, device).items()}
     base = medians.get("non_private")
     timed = (args.rounds - 1) * (args.block - args.settle)

@@ -6,6 +6,7 @@
 - `OpCount` counts the aten ops a step dispatches, by name: the host's share of a step (each costs Python and dispatch
   time, and most launch a kernel on a GPU), and the ops that make a GPU's host wait for the device (`host_syncs`),
   measured exactly on any machine.
+- `prepare_process` sets up a benchmark process as the trainer runs: torch's threads, the device, glibc's malloc.
 - `layer_norms_in_fp32` makes a CPU autocast step see what a CUDA one sees: CUDA autocast runs layer_norm in fp32
   (its output, hence the next layer's input, is fp32); CPU autocast keeps the input's dtype.
 """
@@ -24,6 +25,8 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import flop_registry
+
+from dp_utils.training.cpu_memory import retain_freed_memory
 
 
 class StorageTracker(TorchDispatchMode):
@@ -176,3 +179,13 @@ def step_times(step: Callable[[], None], warmup: int, steps: int, device: torch.
         if i >= warmup:
             times.append(time.perf_counter() - start)
     return times
+
+
+def prepare_process(threads: int, default_malloc: bool, cpu: bool = False) -> tuple[torch.device, bool]:
+    """The device to time on (CUDA where available, unless `cpu`), with torch's threads set (0: torch's default)
+    and, on CPU, glibc keeping freed memory between steps as the trainer does (unless `default_malloc`); whether
+    it does."""
+    if threads:
+        torch.set_num_threads(threads)
+    device = torch.device("cuda" if torch.cuda.is_available() and not cpu else "cpu")
+    return device, device.type == "cpu" and not default_malloc and retain_freed_memory()

@@ -38,9 +38,8 @@ import opacus
 import torch
 
 import dp_utils
-from benchmarks.profiling import StorageTracker, layer_norms_in_fp32, step_times
+from benchmarks.profiling import StorageTracker, layer_norms_in_fp32, prepare_process, step_times
 from dp_utils.training.adapters import LORA_TARGET_MODULES, TRAINABLE, lora_config, select_trainable
-from dp_utils.training.cpu_memory import retain_freed_memory
 from dp_utils.training.model import PRESETS, disable_label_dropout, dit_from_preset
 
 MODES = ("non_private", "flash_bk", "flash", "opacus_ghost", "opacus_hooks")
@@ -227,11 +226,7 @@ def measure(args, device: torch.device) -> dict:
 
 def run(args) -> dict:
     """The JSON record of one configuration: its settings, the environment, and status ok, oom or error."""
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
-    if device.type == "cpu" and not args.default_malloc:
-        retain_freed_memory()  # as the trainer on CPU: freed memory stays in the process between steps
+    device, _ = prepare_process(args.threads, args.default_malloc, cpu=args.cpu)
     if device.type == "cuda" and args.memory_limit_gib:
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(min(args.memory_limit_gib * 2**30 / total, 1.0), device)
