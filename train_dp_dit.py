@@ -356,7 +356,7 @@ def train(args, accelerator, run: Run) -> float:
             state.accountant_history = list(run.optimizer.privacy_engine.accountant.history)
             now, seconds = time.perf_counter(), time.perf_counter() - tick
             tick = now
-            lr = run.lr_scheduler.get_last_lr()[0]
+            lr = float(run.lr_scheduler.get_last_lr()[0])  # a device tensor under CUDA graphs (one sync)
             # throughput at the expected (public) batch: the step's own batch size is private
             logs = {"lr": lr, "samples/s": plan.expected_batch_size / seconds}
             if args.log_private_metrics:  # functions of the private data, outside the accounting

@@ -1,10 +1,11 @@
 """CUDA graphs for the DP step: one graph for a physical batch's forward and clipped backward, one for the noisy
 optimizer step; Python runs between replays only (accounting, logging, EMA, validation).
 
-`make_private(..., cuda_graphs=True)` prepares the optimizer: the wrapped Adam/AdamW becomes capturable, and after
-WARMUP_STEPS eager noisy steps the next one is captured (noise from the secret generator, registered with the graph
-so that every replay draws fresh noise, then all-reduce and the wrapped step) and replayed from then on. The
-finite check reads its flag before each replay and the accountant's hook runs after it, in Python.
+`make_private(..., cuda_graphs=True)` prepares the optimizer: the wrapped Adam/AdamW becomes capturable (its lr a
+device tensor, so that an lr schedule reaches the graph), and after WARMUP_STEPS eager noisy steps the next one is
+captured (noise from the secret generator, registered with the graph so that every replay draws fresh noise, then
+all-reduce and the wrapped step) and replayed from then on; captured again if the wrapped optimizer's numbers change.
+The finite check reads its flag before each replay and the accountant's hook runs after it, in Python.
 
 `CudaGraphedStep(physical_step, optimizer)` does the same for `physical_step(*tensors) -> DPLoss` (forward and
 criterion; its backward is captured with it): WARMUP_STEPS eager calls on a side stream, then one capture, then
@@ -43,35 +44,62 @@ def check_cuda_graphs(module: torch.nn.Module, grad_sample_mode: str, generator:
 
 
 def make_capturable(optimizer: torch.optim.Optimizer) -> None:
-    """Adam/AdamW keep their step counter on the device inside a graph."""
+    """Adam/AdamW (the optimizers with a `capturable` option) keep their step counter and their learning rate on the
+    device inside a graph: the lr becomes a 0-dim tensor on the parameters' device, which a replay reads and an lr
+    scheduler fills in place. Again after a load_state_dict that brought it back as a number or on the CPU. Any
+    other optimizer's numbers are baked into the graph: `GraphedNoisyStep` captures it again when they change."""
     for group in optimizer.param_groups:
-        if "capturable" in group:
-            group["capturable"] = True
+        if "capturable" not in group or not group["params"]:
+            continue
+        group["capturable"] = True
+        lr, device = group["lr"], group["params"][0].device
+        if not (isinstance(lr, torch.Tensor) and lr.device == device):
+            group["lr"] = torch.tensor(float(lr), device=device)
+
+
+def capture_graph(fn: Callable[[], None], generator: torch.Generator | None = None) -> torch.cuda.CUDAGraph:
+    """fn's CUDA work recorded as one graph (the capture takes no step: replay it); `generator` (not torch's default
+    one) is registered with the graph so that every replay draws fresh numbers from it."""
+    graph = torch.cuda.CUDAGraph()
+    if generator is not None:
+        graph.register_generator_state(generator)
+    torch.cuda.synchronize()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph
+
+
+def hyperparameters(optimizer: torch.optim.Optimizer) -> list[dict]:
+    """What a graph of the optimizer's step bakes in, per parameter group: its numbers and flags, and which tensor
+    (its address) stands for each tensor-valued one (an lr tensor's value is read at every replay)."""
+    return [
+        {k: v.data_ptr() if isinstance(v, torch.Tensor) else v for k, v in group.items() if k != "params"}
+        for group in optimizer.param_groups
+    ]
 
 
 class GraphedNoisyStep:
-    """The DP optimizer's noisy step as a CUDA graph after WARMUP_STEPS eager ones."""
+    """The DP optimizer's noisy step as a CUDA graph after WARMUP_STEPS eager ones; captured again whenever the
+    wrapped optimizer's hyperparameters are no longer those of the capture (e.g. an lr schedule over SGD, whose lr
+    is a number)."""
 
-    def __init__(self, noisy_step: Callable[[], None], generator: torch.Generator):
-        self.noisy_step, self.generator = noisy_step, generator
+    def __init__(self, noisy_step: Callable[[], None], generator: torch.Generator, optimizer: torch.optim.Optimizer):
+        self.noisy_step, self.generator, self.optimizer = noisy_step, generator, optimizer
         self.eager_steps = 0
         self.graph: torch.cuda.CUDAGraph | None = None
+        self.captured_with: list[dict] | None = None  # the hyperparameters the graph holds
 
     def __call__(self) -> None:
-        if self.graph is not None:
-            self.graph.replay()
-            return
         if self.eager_steps < WARMUP_STEPS:
             self.eager_steps += 1
             self.noisy_step()
             return
-        graph = torch.cuda.CUDAGraph()
-        graph.register_generator_state(self.generator)
-        torch.cuda.synchronize()
-        with torch.cuda.graph(graph):
-            self.noisy_step()
-        self.graph = graph
-        graph.replay()  # a capture records the step but does not take it
+        if self.graph is None or hyperparameters(self.optimizer) != self.captured_with:
+            self.graph = None  # the old graph's memory goes back before the new capture
+            make_capturable(self.optimizer)
+            self.captured_with = hyperparameters(self.optimizer)
+            self.graph = capture_graph(self.noisy_step, self.generator)
+        self.graph.replay()
 
 
 class CudaGraphedStep:
@@ -97,15 +125,14 @@ class CudaGraphedStep:
         if self.calls <= WARMUP_STEPS:
             return self._eager(inputs)
         self.static_inputs = tuple(x.clone() for x in inputs)
-        graph = torch.cuda.CUDAGraph()
-        torch.cuda.synchronize()
-        with torch.cuda.graph(graph):
-            loss = self.physical_step(*self.static_inputs)
-            loss.backward()
-            self.static_losses = loss.losses.detach()
-        self.graph = graph
-        graph.replay()  # a capture records the step but does not take it
+        self.graph = capture_graph(self._record)
+        self.graph.replay()
         return self.static_losses
+
+    def _record(self) -> None:
+        loss = self.physical_step(*self.static_inputs)
+        loss.backward()
+        self.static_losses = loss.losses.detach()
 
     def _eager(self, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """A warm-up call on a side stream (so that the capture finds the allocator and the kernels warm)."""

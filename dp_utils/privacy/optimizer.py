@@ -21,7 +21,7 @@ from collections.abc import Callable
 import torch
 
 from ..clipping.engine import ClippingEngine
-from .cuda_graphs import GraphedNoisyStep
+from .cuda_graphs import GraphedNoisyStep, make_capturable
 from .noise import NoiseAhead, add_noise_foreach_, add_secure_noise_, tensor_chunks
 
 BUCKET_NUMEL = 25_000_000  # elements per all-reduce of the clipped sums
@@ -92,6 +92,16 @@ class DPOptimizer(torch.optim.Optimizer):
             self.noise_ahead.discard(self.generator)
             self.clipping_engine.grads.before_use = None
             self.clipping_engine.grads.zero_()
+
+    def use_cuda_graphs(self) -> None:
+        """Noise, all-reduce and the wrapped step as one CUDA graph after a few eager steps (`GraphedNoisyStep`)."""
+        make_capturable(self.original_optimizer)
+
+        def noisy_step() -> None:
+            self.add_noise()
+            self.original_optimizer.step()
+
+        self.graphed_step = GraphedNoisyStep(noisy_step, self.generator, self.original_optimizer)
 
     def attach_step_hook(self, fn: Callable[[DPOptimizer], None]) -> None:
         self.step_hook = fn

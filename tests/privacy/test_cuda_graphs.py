@@ -1,5 +1,8 @@
-"""CUDA graphs: refused clearly where they cannot run; on a GPU (skipped without one), replays equal the eager
-steps, and every replay of the noisy step draws fresh secret noise of std sigma C / B."""
+"""CUDA graphs: refused clearly where they cannot run; on CPU, the graphed noisy step's wiring with a stand-in for
+the capture (a replay runs the captured function); on a GPU (skipped without one), replays equal the eager steps,
+and every replay of the noisy step draws fresh secret noise of std sigma C / B."""
+
+import types
 
 import pytest
 import torch
@@ -7,15 +10,16 @@ from oracle import dit_batch, tiny_dit
 
 import dp_utils
 from dp_utils.errors import UserError
+from dp_utils.privacy import cuda_graphs, privacy_engine
 
 ROWS = 4
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-def private(model, noise_multiplier: float, cuda_graphs: bool, lr: float = 1e-3, **kwargs):
+def private(model, noise_multiplier: float, cuda_graphs: bool, lr: float = 1e-3, optimizer=None, **kwargs):
     return dp_utils.make_private(
         module=model,
-        optimizer=torch.optim.AdamW(model.parameters(), lr=lr, fused=model.device.type == "cuda"),
+        optimizer=optimizer or torch.optim.AdamW(model.parameters(), lr=lr, fused=model.device.type == "cuda"),
         sample_rate=0.5,
         dataset_size=2 * ROWS,  # expected batch B = 4
         noise_multiplier=noise_multiplier,
@@ -31,6 +35,79 @@ def test_cuda_graphs_are_refused_without_cuda_or_with_opacus(tmp_path):
             private(tiny_dit(tmp_path), 1.0, cuda_graphs=True)
     with pytest.raises(UserError, match="cuda_graphs needs grad_sample_mode flash_bk or flash|needs a CUDA device"):
         private(tiny_dit(tmp_path), 1.0, cuda_graphs=True, grad_sample_mode="opacus_hooks")
+
+
+@pytest.fixture
+def captures(monkeypatch) -> list:
+    """On CPU: make_private(cuda_graphs=True) passes the device check, and a capture records the function, which
+    each replay runs; the list holds the generator of each capture."""
+    captured = []
+
+    def capture(fn, generator=None):
+        captured.append(generator)
+        return types.SimpleNamespace(replay=fn)
+
+    monkeypatch.setattr(privacy_engine, "check_cuda_graphs", lambda *args: None)
+    monkeypatch.setattr(cuda_graphs, "capture_graph", capture)
+    return captured
+
+
+def sgd_run(tmp_path, graphs: bool, noise_multiplier: float, rows_real: int, steps: int = 8):
+    """SGD (its lr a number, baked into a graph) halved after step 5 by a schedule; the gradients after each step."""
+    model = tiny_dit(tmp_path)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    model, optimizer, criterion, _ = private(model, noise_multiplier, graphs, optimizer=optimizer)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 if step < 5 else 0.5)
+    x, t, y, noise = dit_batch(ROWS)
+    mask = torch.arange(ROWS) < rows_real
+    grads = []
+    for _ in range(steps):
+        criterion(model(x, timestep=t, class_labels=y).sample[:, :4], noise, mask=mask).backward()
+        optimizer.step()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]).clone())
+        schedule.step()
+        optimizer.zero_grad()
+    return model, optimizer, grads
+
+
+def test_the_graphed_noisy_step_trains_as_the_eager_one_and_is_captured_again_when_the_lr_changes(tmp_path, captures):
+    eager, _, _ = sgd_run(tmp_path, graphs=False, noise_multiplier=0.0, rows_real=3)
+    graphed, optimizer, _ = sgd_run(tmp_path, graphs=True, noise_multiplier=0.0, rows_real=3)
+    assert isinstance(optimizer.graphed_step, cuda_graphs.GraphedNoisyStep)
+    # steps 1-3 eager, 4 captured (lr 0.1), 5 replayed, 6 captured again (lr 0.05), 7 and 8 replayed
+    assert captures == [optimizer.generator] * 2
+    assert sum(steps for _, _, steps in optimizer.privacy_engine.accountant.history) == 8  # accounted once each
+    for (name, p), q in zip(eager.named_parameters(), graphed.parameters(), strict=True):
+        torch.testing.assert_close(q, p, rtol=0, atol=0, msg=name)
+
+
+def test_every_graphed_step_adds_noise_of_std_sigma_c_over_b_once(tmp_path, captures):
+    _, optimizer, grads = sgd_run(tmp_path, graphs=True, noise_multiplier=2.0, rows_real=0)  # the sums are zero
+    assert len(captures) == 2
+    replays = grads[-4:]  # steps 5 to 8: graphed (stand-in)
+    assert all(not torch.equal(a, b) for a, b in zip(replays, replays[1:], strict=False))
+    values = torch.cat(replays).double()
+    std, n = 2.0 * 1.0 / ROWS, values.numel()
+    assert abs(values.std().item() - std) < 4 * std / (2 * n) ** 0.5
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")
+def test_adam_gets_a_device_lr_that_a_schedule_fills_in_place(tmp_path):
+    model = tiny_dit(tmp_path)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    cuda_graphs.make_capturable(optimizer)
+    group = optimizer.param_groups[0]
+    lr = group["lr"]
+    assert group["capturable"] and isinstance(lr, torch.Tensor) and lr.device == next(model.parameters()).device
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5**step)
+    before = cuda_graphs.hyperparameters(optimizer)
+    schedule.step()
+    assert group["lr"] is lr and lr.item() == pytest.approx(5e-4)  # the graph reads the new value
+    assert cuda_graphs.hyperparameters(optimizer) == before  # no new capture needed
+    group["lr"] = 1e-4  # e.g. a load_state_dict: a number again
+    assert cuda_graphs.hyperparameters(optimizer) != before
+    cuda_graphs.make_capturable(optimizer)
+    assert isinstance(group["lr"], torch.Tensor) and group["lr"].item() == pytest.approx(1e-4)
 
 
 def train(tmp_path, graphs: bool, steps: int = 7) -> dict:
