@@ -2,6 +2,7 @@
 the capture (a replay runs the captured function); on a GPU (skipped without one), replays equal the eager steps,
 and every replay of the noisy step draws fresh secret noise of std sigma C / B."""
 
+import contextlib
 import types
 
 import pytest
@@ -110,33 +111,50 @@ def test_adam_gets_a_device_lr_that_a_schedule_fills_in_place(tmp_path):
     assert isinstance(group["lr"], torch.Tensor) and group["lr"].item() == pytest.approx(1e-4)
 
 
-def train(tmp_path, graphs: bool, steps: int = 7) -> dict:
+def train(tmp_path, graphs: bool, device: str, optimizer_class=torch.optim.AdamW, steps: int = 7) -> dict:
+    """The parameters after `steps` steps on batches that differ from step to step (noise off)."""
     torch.manual_seed(0)
-    model = tiny_dit(tmp_path).cuda()
-    model, optimizer, criterion, _ = private(model, 0.0, graphs)
-    x, t, y, noise = (b.cuda() for b in dit_batch(ROWS))
-    mask = torch.tensor([True, True, True, False], device="cuda")
+    model = tiny_dit(tmp_path).to(device)
+    model, optimizer, criterion, _ = private(
+        model, 0.0, graphs, optimizer=optimizer_class(model.parameters(), lr=1e-3)
+    )
+    batches = [tuple(b.to(device) for b in dit_batch(ROWS, seed=seed)) for seed in range(steps)]
+    mask = torch.tensor([True, True, True, False], device=device)
 
-    def physical_step():
-        with torch.autocast("cuda", enabled=False):
+    def physical_step(x, t, y, noise):
+        with torch.autocast(device, enabled=False):
             return criterion(model(x, timestep=t, class_labels=y).sample[:, :4], noise, mask=mask)
 
     graphed = dp_utils.CudaGraphedStep(physical_step) if graphs else None
-    for _ in range(steps):
+    for batch in batches:
         if graphed:
-            graphed()
+            graphed(*batch)
         else:
-            physical_step().backward()
+            physical_step(*batch).backward()
         optimizer.step()
         optimizer.zero_grad()
-    torch.cuda.synchronize()
+    if device == "cuda":
+        torch.cuda.synchronize()
     assert (graphed is None) or graphed.graph is not None  # captured after the warm-up
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
+def test_graphed_physical_steps_replay_new_batches_as_eager_steps_run_them(tmp_path, captures, monkeypatch):
+    """CPU stand-ins for the streams and the capture: the static inputs, their copies and the replays."""
+    stream = types.SimpleNamespace(wait_stream=lambda other: None)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda: stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: stream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    eager = train(tmp_path, graphs=False, device="cpu", optimizer_class=torch.optim.SGD)
+    graphed = train(tmp_path, graphs=True, device="cpu", optimizer_class=torch.optim.SGD)
+    assert len(captures) == 2  # the physical step (after 3 calls) and the noisy step (after 3 steps)
+    for name in eager:
+        torch.testing.assert_close(graphed[name], eager[name], rtol=0, atol=0, msg=name)
+
+
 @cuda
 def test_graphed_training_equals_eager_training(tmp_path):
-    eager, graphed = train(tmp_path, graphs=False), train(tmp_path, graphs=True)
+    eager, graphed = train(tmp_path, graphs=False, device="cuda"), train(tmp_path, graphs=True, device="cuda")
     for name in eager:
         torch.testing.assert_close(graphed[name], eager[name], rtol=1e-5, atol=1e-6, msg=name)
 
