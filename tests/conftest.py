@@ -29,6 +29,31 @@ NUM_DIGITS = 120
 TINY = dict(num_attention_heads=2, attention_head_dim=8, num_layers=2, patch_size=2, num_embeds_ada_norm=1000)
 
 
+@pytest.fixture
+def cuda_graph_stand_ins(monkeypatch) -> list:
+    """CUDA graphs' wiring on CPU: make_private(cuda_graphs=True) passes the device check, streams do nothing, and a
+    capture records the function, which each replay runs (the capture itself takes no step, as a real one). The
+    list holds the generator of each capture."""
+    import contextlib
+    import types
+
+    from dp_utils.privacy import cuda_graphs, privacy_engine
+
+    captured = []
+
+    def capture(fn, generator=None):
+        captured.append(generator)
+        return types.SimpleNamespace(replay=fn)
+
+    stream = types.SimpleNamespace(wait_stream=lambda other: None)
+    monkeypatch.setattr(privacy_engine, "check_cuda_graphs", lambda *args: None)
+    monkeypatch.setattr(cuda_graphs, "capture_graph", capture)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda: stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: stream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    return captured
+
+
 def free_port() -> int:
     """A TCP port nobody listens on now, for a launcher's rendezvous (`--main_process_port`)."""
     with socket.socket() as probe:

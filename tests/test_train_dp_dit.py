@@ -308,3 +308,19 @@ def test_noise_free_baseline_reports_no_guarantee(tmp_path, pixel_pipeline, digi
     )
     assert json.loads((out / "privacy_report.json").read_text())["epsilon"] is None
     assert "no privacy guarantee" in (out / "README.md").read_text()
+
+
+def test_the_cuda_graph_path_trains_as_the_eager_one(tmp_path, pixel_pipeline, digits_cache, cuda_graph_stand_ins):
+    """The trainer's graphed physical and noisy steps (CPU stand-ins for the capture; SGD, as CPU Adam cannot be
+    capturable; noise off and the batches drawn from one seed, so that both runs can be compared) give the eager
+    run's weights."""
+    flags = ["--optimizer", "sgd", "--noise_multiplier", 0, "--max_grad_norm", 1.0, "--max_train_steps", 5]
+    flags += ["--report_to", "none", "--lr_scheduler", "linear", "--lr_warmup_steps", 2, "--noise_seed", 5]
+    run_in_process(*pixel_args(pixel_pipeline, digits_cache, tmp_path / "eager", *flags, "--no_cuda_graphs"))
+    assert not cuda_graph_stand_ins
+    run_in_process(*pixel_args(pixel_pipeline, digits_cache, tmp_path / "graphed", *flags, "--cuda_graphs"))
+    # the physical step once (no generator of its own), the noisy step at steps 4 and 5 (SGD's lr, a number baked
+    # into the graph, changes every step of the linear schedule)
+    assert len(cuda_graph_stand_ins) == 3 and cuda_graph_stand_ins[0] is None
+    expected, got = transformer_weights(tmp_path / "eager"), transformer_weights(tmp_path / "graphed")
+    assert all(torch.equal(expected[k], got[k]) for k in expected)

@@ -83,6 +83,8 @@ class DPOptimizer(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.original_optimizer.load_state_dict(state_dict)
+        if self.graphed_step is not None:  # the loaded lr may be a number or a CPU tensor again
+            make_capturable(self.original_optimizer)
 
     def discard_noise_ahead(self) -> None:
         """Before saving the noise generator's state: the next step's noise, drawn ahead into the buffers on CPU,

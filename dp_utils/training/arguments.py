@@ -268,10 +268,13 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     )
     train.add_argument(
         "--cuda_graphs",
-        action=argparse.BooleanOptionalAction,
+        action="store_true",
         default=None,
         help="Replay each physical batch's forward and clipped backward, and the noisy optimizer step, as CUDA "
         "graphs (no host work in the step). Default: on with CUDA and flash_bk/flash, off otherwise.",
+    )
+    train.add_argument(
+        "--no_cuda_graphs", dest="cuda_graphs", action="store_false", default=None, help="Eager steps, no CUDA graphs."
     )
     train.add_argument(
         "--attention_backend",

@@ -2,16 +2,13 @@
 the capture (a replay runs the captured function); on a GPU (skipped without one), replays equal the eager steps,
 and every replay of the noisy step draws fresh secret noise of std sigma C / B."""
 
-import contextlib
-import types
-
 import pytest
 import torch
 from oracle import dit_batch, tiny_dit
 
 import dp_utils
 from dp_utils.errors import UserError
-from dp_utils.privacy import cuda_graphs, privacy_engine
+from dp_utils.privacy import cuda_graphs
 
 ROWS = 4
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -38,21 +35,6 @@ def test_cuda_graphs_are_refused_without_cuda_or_with_opacus(tmp_path):
         private(tiny_dit(tmp_path), 1.0, cuda_graphs=True, grad_sample_mode="opacus_hooks")
 
 
-@pytest.fixture
-def captures(monkeypatch) -> list:
-    """On CPU: make_private(cuda_graphs=True) passes the device check, and a capture records the function, which
-    each replay runs; the list holds the generator of each capture."""
-    captured = []
-
-    def capture(fn, generator=None):
-        captured.append(generator)
-        return types.SimpleNamespace(replay=fn)
-
-    monkeypatch.setattr(privacy_engine, "check_cuda_graphs", lambda *args: None)
-    monkeypatch.setattr(cuda_graphs, "capture_graph", capture)
-    return captured
-
-
 def sgd_run(tmp_path, graphs: bool, noise_multiplier: float, rows_real: int, steps: int = 8):
     """SGD (its lr a number, baked into a graph) halved after step 5 by a schedule; the gradients after each step."""
     model = tiny_dit(tmp_path)
@@ -71,20 +53,22 @@ def sgd_run(tmp_path, graphs: bool, noise_multiplier: float, rows_real: int, ste
     return model, optimizer, grads
 
 
-def test_the_graphed_noisy_step_trains_as_the_eager_one_and_is_captured_again_when_the_lr_changes(tmp_path, captures):
+def test_the_graphed_noisy_step_trains_as_the_eager_one_and_is_captured_again_when_the_lr_changes(
+    tmp_path, cuda_graph_stand_ins
+):
     eager, _, _ = sgd_run(tmp_path, graphs=False, noise_multiplier=0.0, rows_real=3)
     graphed, optimizer, _ = sgd_run(tmp_path, graphs=True, noise_multiplier=0.0, rows_real=3)
     assert isinstance(optimizer.graphed_step, cuda_graphs.GraphedNoisyStep)
     # steps 1-3 eager, 4 captured (lr 0.1), 5 replayed, 6 captured again (lr 0.05), 7 and 8 replayed
-    assert captures == [optimizer.generator] * 2
+    assert cuda_graph_stand_ins == [optimizer.generator] * 2
     assert sum(steps for _, _, steps in optimizer.privacy_engine.accountant.history) == 8  # accounted once each
     for (name, p), q in zip(eager.named_parameters(), graphed.parameters(), strict=True):
         torch.testing.assert_close(q, p, rtol=0, atol=0, msg=name)
 
 
-def test_every_graphed_step_adds_noise_of_std_sigma_c_over_b_once(tmp_path, captures):
+def test_every_graphed_step_adds_noise_of_std_sigma_c_over_b_once(tmp_path, cuda_graph_stand_ins):
     _, optimizer, grads = sgd_run(tmp_path, graphs=True, noise_multiplier=2.0, rows_real=0)  # the sums are zero
-    assert len(captures) == 2
+    assert len(cuda_graph_stand_ins) == 2
     replays = grads[-4:]  # steps 5 to 8: graphed (stand-in)
     assert all(not torch.equal(a, b) for a, b in zip(replays, replays[1:], strict=False))
     values = torch.cat(replays).double()
@@ -139,15 +123,11 @@ def train(tmp_path, graphs: bool, device: str, optimizer_class=torch.optim.AdamW
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-def test_graphed_physical_steps_replay_new_batches_as_eager_steps_run_them(tmp_path, captures, monkeypatch):
-    """CPU stand-ins for the streams and the capture: the static inputs, their copies and the replays."""
-    stream = types.SimpleNamespace(wait_stream=lambda other: None)
-    monkeypatch.setattr(torch.cuda, "Stream", lambda: stream)
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda: stream)
-    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+def test_graphed_physical_steps_replay_new_batches_as_eager_steps_run_them(tmp_path, cuda_graph_stand_ins):
+    """The static inputs, their copies and the replays."""
     eager = train(tmp_path, graphs=False, device="cpu", optimizer_class=torch.optim.SGD)
     graphed = train(tmp_path, graphs=True, device="cpu", optimizer_class=torch.optim.SGD)
-    assert len(captures) == 2  # the physical step (after 3 calls) and the noisy step (after 3 steps)
+    assert len(cuda_graph_stand_ins) == 2  # the physical step (after 3 calls) and the noisy step (after 3 steps)
     for name in eager:
         torch.testing.assert_close(graphed[name], eager[name], rtol=0, atol=0, msg=name)
 
@@ -178,3 +158,15 @@ def test_every_replay_draws_fresh_noise_of_std_sigma_c_over_b(tmp_path):
     std, n = 2.0 * 1.0 / ROWS, values.numel()
     assert abs(values.std().item() - std) < 4 * std / (2 * n) ** 0.5
     assert abs(values.mean().item()) < 4 * std / n**0.5
+
+
+def test_a_loaded_state_keeps_the_graphed_optimizer_capturable(tmp_path, cuda_graph_stand_ins):
+    model = tiny_dit(tmp_path)
+    model, optimizer, _, _ = private(model, 1.0, True, lr=1e-3)
+    state = optimizer.state_dict()
+    state["param_groups"][0]["lr"] = 2e-3  # as saved by an eager run, or loaded onto another device
+    optimizer.load_state_dict(state)
+    lr = optimizer.param_groups[0]["lr"]
+    assert (
+        isinstance(lr, torch.Tensor) and lr.item() == pytest.approx(2e-3) and optimizer.param_groups[0]["capturable"]
+    )
