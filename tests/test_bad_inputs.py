@@ -145,6 +145,13 @@ def test_bad_choices_and_values_are_one_line(tmp_path, capfd, pixel_pipeline, di
     assert "the following arguments are required" in refused(capfd, train, ["--output_dir", out], out)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA graphs run here")
+def test_cuda_graphs_without_cuda_are_refused(tmp_path, capfd, pixel_pipeline, digits_cache):
+    out = tmp_path / "out"
+    argv = [*pixel_args(pixel_pipeline, digits_cache, out, *STEPS), "--cuda_graphs"]
+    assert "needs a CUDA device" in refused(capfd, train, argv, out)
+
+
 def test_every_lr_scheduler_help_offers_runs_with_the_default_flags():
     parser = build_parser("")
     offered = next(a for a in parser._actions if a.dest == "lr_scheduler").choices
