@@ -3,7 +3,8 @@
 # 256px (32x32 latents) in bf16 autocast at batch 64, 128 and 32, first with CUDA graphs (non-private captured whole;
 # flash_bk with dp_utils.CudaGraphedStep and make_private(cuda_graphs=True)), then eager. Run from the repository
 # root; where diffusers/opacus are missing, first the wheels of ../shared/tools/gpu/fetch-wheels.sh in .whl/.
-# Results (device.txt, gpu_tests.log, bench_xl.md with its JSON lines) go to $OUT (or ./gpu-results).
+# Results (device.txt, gpu_tests.log, bench_xl.md with its JSON lines, table.md from gpu_table.py) go to $OUT (or
+# ./gpu-results).
 # Everything ends within DEADLINE seconds (default 540, under a device call's 600): each part gets at most its own
 # cap and what is left, most important first, so that a part that hangs costs only the parts after it.
 set -uo pipefail
@@ -43,3 +44,4 @@ bench 80 --batch_size 32 --modes non_private flash_bk --cuda_graphs
 bench 100 --batch_size 64 --modes non_private flash_bk opacus_ghost
 bench 80 --batch_size 128 --modes non_private flash_bk
 bench 60 --batch_size 32 --modes non_private flash_bk
+python3 benchmarks/gpu_table.py "$out/bench_xl.md" | tee "$out/table.md"
