@@ -274,7 +274,11 @@ def build_parser(description: str) -> argparse.ArgumentParser:
         "graphs (no host work in the step). Default: on with CUDA and flash_bk/flash, off otherwise.",
     )
     train.add_argument(
-        "--no_cuda_graphs", dest="cuda_graphs", action="store_false", default=None, help="Eager steps, no CUDA graphs."
+        "--no_cuda_graphs",
+        dest="cuda_graphs",
+        action="store_false",
+        default=argparse.SUPPRESS,  # --cuda_graphs' None stands
+        help="Eager steps, no CUDA graphs.",
     )
     train.add_argument(
         "--attention_backend",
