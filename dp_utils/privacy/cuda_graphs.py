@@ -7,7 +7,7 @@ captured (noise from the secret generator, registered with the graph so that eve
 all-reduce and the wrapped step) and replayed from then on; captured again if the wrapped optimizer's numbers change.
 The finite check reads its flag before each replay and the accountant's hook runs after it, in Python.
 
-`CudaGraphedStep(physical_step, optimizer)` does the same for `physical_step(*tensors) -> DPLoss` (forward and
+`CudaGraphedStep(physical_step)` does the same for `physical_step(*tensors) -> DPLoss` (forward and
 criterion; its backward is captured with it): WARMUP_STEPS eager calls on a side stream, then one capture, then
 replays into the same static tensors. It needs inputs of one shape, which masked physical batches of exactly
 `max_physical_batch_size` rows give; random draws inside it must come from torch's default CUDA generator, which
