@@ -64,7 +64,8 @@ def capture_graph(fn: Callable[[], None], generator: torch.Generator | None = No
     if generator is not None:
         graph.register_generator_state(generator)
     torch.cuda.synchronize()
-    with torch.cuda.graph(graph):
+    # thread_local: a DataLoader's pin-memory thread may allocate during the capture ("global" would fail it)
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
         fn()
     return graph
 
