@@ -278,7 +278,7 @@ def build_parser(description: str) -> argparse.ArgumentParser:
         dest="cuda_graphs",
         action="store_false",
         default=argparse.SUPPRESS,  # --cuda_graphs' None stands
-        help="Eager steps, no CUDA graphs.",
+        help="Eager steps, no CUDA graphs (default: see --cuda_graphs).",
     )
     train.add_argument(
         "--attention_backend",
