@@ -16,6 +16,7 @@ graphs advance per replay. Autocast inside it must not cache casts (`torch.autoc
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -24,6 +25,7 @@ from ..clipping.losses import DPLoss
 from ..errors import UserError
 
 WARMUP_STEPS = 3  # eager steps before a capture (PyTorch's guidance: a few, on a side stream)
+RECAPTURE_WARNING = 10  # captures of the noisy step in a row that earn a warning
 
 
 def check_cuda_graphs(module: torch.nn.Module, grad_sample_mode: str, generator: torch.Generator | None) -> None:
@@ -82,13 +84,14 @@ def hyperparameters(optimizer: torch.optim.Optimizer) -> list[dict]:
 class GraphedNoisyStep:
     """The DP optimizer's noisy step as a CUDA graph after WARMUP_STEPS eager ones; captured again whenever the
     wrapped optimizer's hyperparameters are no longer those of the capture (e.g. an lr schedule over SGD, whose lr
-    is a number)."""
+    is a number). A capture costs about an eager step: after RECAPTURE_WARNING captures in a row it warns once."""
 
     def __init__(self, noisy_step: Callable[[], None], generator: torch.Generator, optimizer: torch.optim.Optimizer):
         self.noisy_step, self.generator, self.optimizer = noisy_step, generator, optimizer
         self.eager_steps = 0
         self.graph: torch.cuda.CUDAGraph | None = None
         self.captured_with: list[dict] | None = None  # the hyperparameters the graph holds
+        self.captures_in_a_row = 0
 
     def __call__(self) -> None:
         if self.eager_steps < WARMUP_STEPS:
@@ -100,6 +103,17 @@ class GraphedNoisyStep:
             make_capturable(self.optimizer)
             self.captured_with = hyperparameters(self.optimizer)
             self.graph = capture_graph(self.noisy_step, self.generator)
+            self.captures_in_a_row += 1
+            if self.captures_in_a_row == RECAPTURE_WARNING:
+                warnings.warn(
+                    f"The optimizer's step was captured again in each of the last {RECAPTURE_WARNING} steps: its "
+                    f"{type(self.optimizer).__name__} keeps its lr as a number, which an lr schedule changes every "
+                    "step, so every step pays a capture. Use AdamW (its lr becomes a device tensor) or a constant lr, "
+                    "or turn CUDA graphs off (--no_cuda_graphs).",
+                    stacklevel=2,
+                )
+        else:
+            self.captures_in_a_row = 0
         self.graph.replay()
 
 

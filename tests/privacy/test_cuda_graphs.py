@@ -170,3 +170,21 @@ def test_a_loaded_state_keeps_the_graphed_optimizer_capturable(tmp_path, cuda_gr
     assert (
         isinstance(lr, torch.Tensor) and lr.item() == pytest.approx(2e-3) and optimizer.param_groups[0]["capturable"]
     )
+
+
+def test_a_step_captured_again_every_time_warns_once(cuda_graph_stand_ins, recwarn):
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(3))], lr=0.1)
+    steps = []
+    graphed = cuda_graphs.GraphedNoisyStep(lambda: steps.append(optimizer.param_groups[0]["lr"]), None, optimizer)
+    calls = cuda_graphs.WARMUP_STEPS + 2 * cuda_graphs.RECAPTURE_WARNING
+    for i in range(calls):
+        optimizer.param_groups[0]["lr"] = 0.1 / (1 + i)  # a schedule that changes a number lr every step
+        graphed()
+    assert len(cuda_graph_stand_ins) == calls - cuda_graphs.WARMUP_STEPS and len(steps) == calls
+    assert [str(w.message).split(":")[0] for w in recwarn] == [
+        f"The optimizer's step was captured again in each of the last {cuda_graphs.RECAPTURE_WARNING} steps"
+    ]
+    recwarn.clear()
+    for _ in range(calls):  # the lr stays as it was last captured: replays only
+        graphed()
+    assert len(cuda_graph_stand_ins) == calls - cuda_graphs.WARMUP_STEPS and not recwarn
