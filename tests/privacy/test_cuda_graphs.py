@@ -1,6 +1,7 @@
-"""CUDA graphs: refused clearly where they cannot run; on CPU, the graphed noisy step's wiring with a stand-in for
-the capture (a replay runs the captured function); on a GPU (skipped without one), replays equal the eager steps,
-and every replay of the noisy step draws fresh secret noise of std sigma C / B."""
+"""CUDA graphs: refused clearly where they cannot run; on CPU, the wiring of both graphed steps with stand-ins for the
+capture (a replay runs the captured function): equal to eager steps, captured again when the lr (a number) changes;
+on a GPU (skipped without one), replays equal the eager steps, and every replay of the noisy step draws fresh secret
+noise of std sigma C / B."""
 
 import pytest
 import torch
