@@ -33,11 +33,15 @@ def main(args):
     print(f"Wrote {output}")
 
 
-if __name__ == "__main__":
+def parse_args(input_args=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("dp_model", help="The DP pipeline folder train_dp_dit.py wrote.")
     parser.add_argument("public_model", help="The public pipeline folder it was fine-tuned from.")
     parser.add_argument("--alpha", type=float, default=0.5, help="Weight of the DP model (default: %(default)s).")
     parser.add_argument("--output_dir", required=True, help="A new folder for the interpolated pipeline.")
     parser.add_argument("--overwrite_output_dir", action="store_true", help="Replace an existing --output_dir.")
-    sys.exit(run_script(lambda: main(parser.parse_args())))
+    return parser.parse_args(input_args)
+
+
+if __name__ == "__main__":
+    sys.exit(run_script(lambda: main(parse_args())))

@@ -10,6 +10,8 @@ import pytest
 import torch
 from diffusers import DDPMScheduler, DiTTransformer2DModel, DPMSolverMultistepScheduler
 
+import interpolate_weights
+from dp_utils.errors import run_script
 from dp_utils.training.generation import generate, sample_pixel_pipeline
 from dp_utils.training.interpolation import interpolate_pipeline
 
@@ -77,17 +79,22 @@ def test_interpolation_is_a_function_of_the_two_pipelines_only(tmp_path):
     assert "0.25 x the DP model + 0.75 x the public model" in (out / "README.md").read_text()
 
 
-def test_interpolate_weights_refuses_bad_input_in_one_line(tmp_path):
+def test_interpolate_weights_refuses_bad_input_in_one_line(tmp_path, capfd):
     dp, public = tiny_pipeline(tmp_path / "dp", 0), tiny_pipeline(tmp_path / "public", 1)
-    for argv, message in [
-        ([str(dp), str(public), "--alpha", "1.5", "--output_dir", str(tmp_path / "x")], "--alpha must be in [0, 1]"),
+    argv = [str(dp), str(public), "--alpha", "1.5", "--output_dir", str(tmp_path / "x")]
+    result = subprocess.run(  # the script as a user runs it
+        [sys.executable, str(REPO_ROOT / "interpolate_weights.py"), *argv], capture_output=True, text=True
+    )
+    assert (
+        result.returncode == 2 and result.stderr.startswith("error: ") and "--alpha must be in [0, 1]" in result.stderr
+    )
+    assert "Traceback" not in result.stderr
+    for argv, message in [  # the same entry point in this process
         ([str(dp), str(tmp_path), "--output_dir", str(tmp_path / "x")], "is not a pipeline folder"),
         ([str(dp), str(public), "--output_dir", str(public)], "one of the input pipelines"),
         ([str(dp), str(public), "--output_dir", str(tmp_path)], "exists"),
     ]:
-        result = subprocess.run(
-            [sys.executable, str(REPO_ROOT / "interpolate_weights.py"), *argv], capture_output=True, text=True
-        )
-        assert result.returncode == 2 and result.stderr.startswith("error: ") and message in result.stderr
-        assert "Traceback" not in result.stderr
+        assert run_script(lambda: interpolate_weights.main(interpolate_weights.parse_args(argv))) == 2  # noqa: B023
+        err = capfd.readouterr().err
+        assert err.startswith("error: ") and message in err and "Traceback" not in err
     assert not (tmp_path / "x").exists()
