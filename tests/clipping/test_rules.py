@@ -1,5 +1,5 @@
 """Each layer rule on small models: the clipped sum equals the naive loop, with reuse, 2-D to 4-D inputs,
-frozen parts, and rows grouped into examples."""
+frozen parts, rows grouped into examples, and padding rows holding NaN and inf."""
 
 import pytest
 import torch
@@ -111,6 +111,22 @@ def test_rule_equals_naive_loop_both_regimes(name, mode, dtype, tolerance):
     assert (norms > 1e-3).all()  # every example clipped
     norms = check(name, mode, 1e4, dtype, tolerance)
     assert (norms < 1e4).all()  # none clipped
+
+
+@pytest.mark.parametrize("name", CASES)
+@pytest.mark.parametrize("mode", ["flash_bk", "flash"])
+def test_padding_rows_holding_nan_and_inf_contribute_nothing(name, mode):
+    model, batch = make_case(name, torch.float64)
+    real = batch[0].shape[0]
+    expected, norms = naive_clipped_sum(model, losses_fn, batch, 0.3, torch.arange(real))
+    padding = [torch.full((2, *b.shape[1:]), float("nan"), dtype=b.dtype) for b in batch]
+    padding[0][-1] = float("inf")
+    padded = tuple(torch.cat([b, pad]) for b, pad in zip(batch, padding, strict=True))
+    mask = torch.arange(real + 2) < real
+    update, engine_norms = private_update(model, losses_fn, padded, 0.3, mode, real, mask=mask)
+    torch.testing.assert_close(engine_norms[:real], norms, rtol=1e-10, atol=0)
+    assert not engine_norms[real:].any()
+    assert relative_error(update, {n: e / real for n, e in expected.items()}) < 1e-10
 
 
 @pytest.mark.parametrize("name", ["linear-3d", "linear-reused", "conv2d-reused", "layernorm-reused", "groupnorm"])
