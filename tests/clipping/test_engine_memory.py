@@ -17,9 +17,12 @@ ROWS = 8
 CONFIG = dict(num_attention_heads=6, attention_head_dim=64, num_layers=3, sample_size=16)
 
 
-def training_loop(tmp_path, mode: str, bf16: bool = False, checkpointing: bool = False, multiplicity: int = 1):
+def training_loop(
+    tmp_path, mode: str, bf16: bool = False, checkpointing: bool = False, multiplicity: int = 1, padding: int = 0
+):
     """A step function over one batch that keeps the last loss and prediction bound, as training loops do; with
-    noise multiplicity K, every image of the batch comes K times (K noise draws)."""
+    noise multiplicity K, every image of the batch comes K times (K noise draws); the last `padding` rows of a
+    private step are padding rows (zeros, False in the mask), as make_private's fixed-shape loader yields them."""
     model = tiny_dit(tmp_path, **CONFIG)
     if checkpointing:
         model.enable_gradient_checkpointing()
@@ -39,12 +42,14 @@ def training_loop(tmp_path, mode: str, bf16: bool = False, checkpointing: bool =
         )
     x, t, y, noise = dit_batch(ROWS, size=16)
     x, y = (v[: ROWS // multiplicity].repeat_interleave(multiplicity, 0) for v in (x, y))
+    x[ROWS - padding :], noise[ROWS - padding :] = 0, 0
+    mask = {"mask": torch.arange(ROWS) < ROWS - padding} if padding and mode != "non_private" else {}
     state = {}
 
     def forward_and_backward():
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             state["prediction"] = model(x, timestep=t, class_labels=y).sample[:, :4]
-            state["loss"] = criterion(state["prediction"], noise)
+            state["loss"] = criterion(state["prediction"], noise, **mask)
         (state["loss"].mean() if mode == "non_private" else state["loss"]).backward()
 
     def step(measure_host_syncs: OpCount | None = None):
@@ -56,9 +61,10 @@ def training_loop(tmp_path, mode: str, bf16: bool = False, checkpointing: bool =
     return model, step
 
 
-def measure(tmp_path, mode: str, bf16: bool = False, checkpointing: bool = False) -> tuple[int, int, MatmulFlops]:
+def measure(tmp_path, mode: str, **setting) -> tuple[int, int, MatmulFlops]:
     """Peak bytes over two steps after a warm-up, bytes still alive after them, and one step's matmul FLOPs."""
-    model, step = training_loop(tmp_path, mode, bf16, checkpointing)
+    model, step = training_loop(tmp_path, mode, **setting)
+    bf16 = setting.get("bf16", False)
     with layer_norms_in_fp32(model) if bf16 else contextlib.nullcontext():
         step()
         with StorageTracker() as tracker:
@@ -69,7 +75,12 @@ def measure(tmp_path, mode: str, bf16: bool = False, checkpointing: bool = False
     return tracker.peak, tracker.live, flops
 
 
-SETTINGS = {"fp32": {}, "bf16": {"bf16": True}, "bf16-checkpointing": {"bf16": True, "checkpointing": True}}
+SETTINGS = {
+    "fp32": {},
+    "fp32-padding": {"padding": 3},
+    "bf16": {"bf16": True},
+    "bf16-checkpointing": {"bf16": True, "checkpointing": True},
+}
 
 
 @pytest.mark.parametrize("mode", ["flash_bk", "flash"])
