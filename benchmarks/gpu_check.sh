@@ -8,18 +8,8 @@
 # Everything ends within DEADLINE seconds (default 540, under a device call's 600): each part gets at most its own
 # cap and what is left, most important first, so that a part that hangs costs only the parts after it.
 set -uo pipefail
-out=${OUT:-gpu-results}
-mkdir -p "$out"
 end=$((SECONDS + ${DEADLINE:-540}))
-if [ -d .whl ]; then
-  site=$(mktemp -d)
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .whl/*.whl
-  export PYTHONPATH=$site:$PWD
-fi
-export PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/device.txt"
-python3 -c "import torch, diffusers, opacus; print(torch.__version__, diffusers.__version__, opacus.__version__)" \
-  | tee -a "$out/device.txt"
+source "$(dirname "$0")/gpu_setup.sh"
 
 # the seconds a part may run: its cap, or what is left before the deadline
 allowed() { local left=$((end - SECONDS)); echo $((left < $1 ? left : $1)); }

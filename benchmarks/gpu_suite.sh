@@ -6,17 +6,7 @@
 # .whl/. Results (device.txt, results.jsonl, tables.md, PNGs) go to $OUT (or ./gpu-results). The suite resumes:
 # rerun the script with the same $OUT to finish what a time limit cut off.
 set -uo pipefail
-out=${OUT:-gpu-results}
-mkdir -p "$out"
-if [ -d .whl ]; then
-  site=$(mktemp -d)
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .whl/*.whl
-  export PYTHONPATH=$site:$PWD
-fi
-export PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/device.txt"
-python3 -c "import torch, diffusers, opacus; print(torch.__version__, diffusers.__version__, opacus.__version__)" \
-  | tee -a "$out/device.txt"
+source "$(dirname "$0")/gpu_setup.sh"
 limit=${MEMORY_LIMIT:-24}
 max_batch=(--max_batch)
 [ "$limit" != 0 ] && max_batch+=(--memory_limit "$limit")
