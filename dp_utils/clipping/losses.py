@@ -7,6 +7,7 @@ from collections.abc import Callable
 import torch
 from diffusers.utils import BaseOutput
 
+from ..errors import UserError
 from .precision import accumulation_dtype
 
 
@@ -54,10 +55,12 @@ class DPCriterion:
         criterion: Callable[..., torch.Tensor],
         backward: Callable[..., None],
         mark_output: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        mask_required: bool = False,
     ):
         self.criterion = criterion
         self._backward = backward
         self._mark_output = mark_output  # the engine's: tells it whether this forward's graph is still alive
+        self.mask_required = mask_required  # the loader pads: a padding row trained on breaks the accounting
 
     def __call__(
         self,
@@ -72,6 +75,12 @@ class DPCriterion:
         if isinstance(prediction, BaseOutput):  # a diffusers model output: its `.sample`
             prediction = prediction[0]
         rows = prediction.shape[0]
+        if mask is None and self.mask_required:
+            raise UserError(
+                "The data loader pads every physical batch to max_physical_batch_size rows: pass its mask, "
+                "criterion(prediction, target, mask=mask), or the padding rows train and the privacy guarantee "
+                "does not hold (how many there are depends on the Poisson draw)."
+            )
         if self._mark_output is not None:
             prediction = self._mark_output(prediction)
         if mask is not None:

@@ -162,7 +162,8 @@ class PrivacyEngine:
             data_loader = PhysicalBatchLoader(data_loader, int(max_physical_batch_size), optimizer)
         backward = self._backward_for(grad_sample_mode, module, optimizer, int(noise_multiplicity))
         mark_output = self.clipping_engine.mark_output if grad_sample_mode in MODES else None
-        return module, optimizer, DPCriterion(criterion, backward, mark_output), data_loader
+        criterion = DPCriterion(criterion, backward, mark_output, mask_required=max_physical_batch_size is not None)
+        return module, optimizer, criterion, data_loader
 
     def _noise_multiplier(self, noise_multiplier, target_epsilon, target_delta, sample_rate, epochs, steps) -> float:
         """The given sigma, or Opacus' calibration to the target; one the PRV accountant cannot serve is refused."""

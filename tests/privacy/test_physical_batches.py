@@ -147,3 +147,11 @@ def test_make_private_without_a_loader_shares_the_callers_q_and_n():
         max_grad_norm=1.0,
     )
     assert loader is None and optimizer.expected_batch_size == pytest.approx(224.5)  # q N, not rounded
+
+
+def test_a_padded_batch_without_its_mask_is_refused(tmp_path):
+    """Padding rows trained on would move the sum by a number of rows that depends on the Poisson draw."""
+    _, module, _, criterion, loader = private_dit(tmp_path)
+    (x, t, y, noise), _ = next(iter(loader))
+    with pytest.raises(UserError, match="pass its mask, criterion\\(prediction, target, mask=mask\\)"):
+        criterion(module(x, timestep=t, class_labels=y).sample[:, :4], noise)
