@@ -61,6 +61,7 @@ class DPOptimizer(torch.optim.Optimizer):
         self._skip_next = False
         self._last_step_skipped = False  # the logical batch goes on: zero_grad() keeps the sums
         self._sums_used = False  # set by a noisy step; zero_grad() clears it
+        self.steps_called = 0  # step() calls, skipped ones included (PhysicalBatchLoader checks one per batch)
 
     @property
     def param_groups(self) -> list[dict]:
@@ -112,6 +113,12 @@ class DPOptimizer(torch.optim.Optimizer):
         """The next step() ends a physical batch, not the logical batch: it keeps the sums and takes no step."""
         self._skip_next = do_skip
 
+    def abandon_logical_batch(self) -> None:
+        """A logical batch left before its last physical batch: its sums are dropped (never noised or used), so
+        that they cannot join the next logical batch's step."""
+        self._skip_next = self._last_step_skipped = False
+        self.zero_grad()
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear the sums for the next logical batch (`set_to_none` is accepted and ignored: the buffers are
         static): on CPU the buffers are overwritten with that batch's noise on a worker thread (`NoiseAhead`; the
@@ -143,6 +150,7 @@ class DPOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 closure()
+        self.steps_called += 1
         if self._skip_next:
             self._skip_next, self._last_step_skipped = False, True
             return None

@@ -57,8 +57,23 @@ class PhysicalBatchLoader:
         return len(self.data_loader)
 
     def __iter__(self) -> Iterator[tuple[Any, torch.Tensor]]:
+        """Our DP optimizer (not Opacus'): a physical batch not followed by `optimizer.step()` is refused (its sums
+        would join another step than their logical batch's), and a logical batch left early (`break`) is dropped."""
+        checked = hasattr(self.optimizer, "abandon_logical_batch")
         for batch in self.data_loader:
             count = max(1, math.ceil(batch_rows(batch) / self.size))
             for index in range(count):
                 self.optimizer.signal_skip_step(do_skip=index < count - 1)
-                yield pad_rows(batch, index * self.size, self.size)
+                steps = getattr(self.optimizer, "steps_called", 0)
+                try:
+                    yield pad_rows(batch, index * self.size, self.size)
+                except GeneratorExit:
+                    if checked and index < count - 1:
+                        self.optimizer.abandon_logical_batch()
+                    raise
+                if checked and self.optimizer.steps_called == steps:
+                    raise UserError(
+                        "Call optimizer.step() (then optimizer.zero_grad()) after every physical batch: it steps "
+                        "only after a logical batch's last one. Without it, several logical batches would be "
+                        "noised and accounted as one step, and the privacy guarantee would not hold."
+                    )

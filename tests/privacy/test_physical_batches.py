@@ -30,11 +30,10 @@ def private_dit(tmp_path, **kwargs):
         optimizer=torch.optim.AdamW(model.parameters(), lr=1e-3),
         data_loader=DataLoader(dataset(), batch_size=12),
         sample_rate=RATE,
-        noise_multiplier=1.0,
         max_grad_norm=1.0,
         max_physical_batch_size=SIZE,
         sampling_seed=7,
-        **kwargs,
+        **{"noise_multiplier": 1.0, **kwargs},
     )
 
 
@@ -155,3 +154,24 @@ def test_a_padded_batch_without_its_mask_is_refused(tmp_path):
     (x, t, y, noise), _ = next(iter(loader))
     with pytest.raises(UserError, match="pass its mask, criterion\\(prediction, target, mask=mask\\)"):
         criterion(module(x, timestep=t, class_labels=y).sample[:, :4], noise)
+
+
+def test_a_physical_batch_without_its_step_is_refused(tmp_path):
+    """Backward after backward with one step at the end would noise and account several logical batches as one."""
+    _, module, _, criterion, loader = private_dit(tmp_path)
+    with pytest.raises(UserError, match=r"Call optimizer.step\(\) .* after every physical batch"):
+        for (x, t, y, noise), mask in loader:
+            criterion(module(x, timestep=t, class_labels=y).sample[:, :4], noise, mask=mask).backward()
+
+
+def test_a_logical_batch_left_early_is_dropped_not_added_to_the_next_step(tmp_path):
+    _, module, optimizer, criterion, loader = private_dit(tmp_path, noise_multiplier=0.0)
+    optimizer.zero_grad()
+    for (x, t, y, noise), mask in loader:
+        criterion(module(x, timestep=t, class_labels=y).sample[:, :4], noise, mask=mask).backward()
+        assert optimizer._skip_next  # the first logical batch has more physical batches than this one
+        optimizer.step()
+        optimizer.zero_grad()  # after a skipped step: the sums stay
+        break
+    assert all(p.grad.abs().sum() == 0 for p in module.parameters())  # dropped when the loop was left
+    assert not optimizer._skip_next and not optimizer.privacy_engine.accountant.history
