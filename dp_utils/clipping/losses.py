@@ -35,6 +35,12 @@ class DPLoss:
         self._backward = backward
 
     def backward(self) -> None:
+        if not self.losses.requires_grad:
+            raise UserError(
+                "The criterion's losses do not depend on the model's parameters (detached, or computed outside "
+                "autograd): compute them from the prediction with torch ops, so that each example's gradient is "
+                "clipped."
+            )
         self._backward()
 
     def detach(self) -> torch.Tensor:
@@ -74,6 +80,11 @@ class DPCriterion:
         loss are replaced by zeros (selected, not multiplied: NaN in it stays out), and the engine drops its pairs."""
         if isinstance(prediction, BaseOutput):  # a diffusers model output: its `.sample`
             prediction = prediction[0]
+        if not isinstance(prediction, torch.Tensor):
+            raise UserError(
+                "The criterion's first argument must be the model's prediction, a tensor with the batch first (or a "
+                f"diffusers output), got {type(prediction).__name__}."
+            )
         rows = prediction.shape[0]
         if mask is None and self.mask_required:
             raise UserError(
@@ -91,7 +102,7 @@ class DPCriterion:
         losses = self.criterion(prediction, *args, **kwargs)
         if not isinstance(losses, torch.Tensor) or losses.shape != (rows,):
             got = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
-            raise ValueError(
+            raise UserError(
                 f"The criterion must return one loss per example, shape ({rows},), but returned {got}. "
                 "Reduce over every dimension but the batch, e.g. "
                 "`F.mse_loss(pred, target, reduction='none').flatten(1).mean(1)`, or use dp_utils.per_sample_mse."
@@ -104,7 +115,7 @@ class DPCriterion:
 def _checked_mask(mask: torch.Tensor, rows: int, device: torch.device) -> torch.Tensor:
     if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape != (rows,):
         got = f"{mask.dtype} {tuple(mask.shape)}" if isinstance(mask, torch.Tensor) else type(mask).__name__
-        raise ValueError(f"mask must be a bool tensor of shape ({rows},), True for a real row; got {got}.")
+        raise UserError(f"mask must be a bool tensor of shape ({rows},), True for a real row; got {got}.")
     return mask.to(device, non_blocking=True)
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 import warnings
 from collections.abc import Iterator
 
@@ -129,10 +130,14 @@ class PrivacyEngine:
             grad_sample_mode=grad_sample_mode,
             noise_multiplicity=noise_multiplicity,
             distributed=distributed,
+            noise_generator=noise_generator,
+            sampling_seed=sampling_seed,
         )
         _check_physical_batch_size(max_physical_batch_size, data_loader)
         sample_rate, self.dataset_size = _sampling_of(data_loader, sample_rate, dataset_size)
         _warn_weak_sampling(sample_rate, self.dataset_size)
+        if data_loader is not None and not poisson_sampling:
+            _warn_unchecked_rate(sample_rate, data_loader)
         if target_delta is not None:
             self._warn_large_delta(target_delta)
         noise_multiplier = self._noise_multiplier(
@@ -159,7 +164,9 @@ class PrivacyEngine:
         if data_loader is not None and poisson_sampling:
             data_loader = _poisson_loader(data_loader, sample_rate, distributed, sampling_seed)
         if max_physical_batch_size is not None:
-            data_loader = PhysicalBatchLoader(data_loader, int(max_physical_batch_size), optimizer)
+            # a batch never holds more than N rows: rows past N would only ever be padding
+            size = min(int(max_physical_batch_size), self.dataset_size)
+            data_loader = PhysicalBatchLoader(data_loader, size, optimizer)
         backward = self._backward_for(grad_sample_mode, module, optimizer, int(noise_multiplicity))
         mark_output = self.clipping_engine.mark_output if grad_sample_mode in MODES else None
         criterion = DPCriterion(criterion, backward, mark_output, mask_required=max_physical_batch_size is not None)
@@ -321,6 +328,8 @@ def _check_arguments(
     grad_sample_mode,
     noise_multiplicity,
     distributed,
+    noise_generator,
+    sampling_seed,
 ) -> None:
     """Every make_private argument a user can get wrong, checked before the model or the data loader is touched."""
     if grad_sample_mode not in GRAD_SAMPLE_MODES:
@@ -358,6 +367,17 @@ def _check_arguments(
         for name, value in (("epochs", epochs), ("steps", steps)):
             if value is not None and not _is_count(value):
                 raise UserError(f"{name} must be an integer >= 1, got {value!r}.")
+    if noise_generator is not None and not isinstance(noise_generator, torch.Generator):
+        raise UserError(
+            f"noise_generator must be a torch.Generator (kept as secret as the data), got "
+            f"{type(noise_generator).__name__}; leave it out to draw the noise from the OS's entropy."
+        )
+    is_seed = isinstance(sampling_seed, numbers.Integral) and not isinstance(sampling_seed, bool)
+    if sampling_seed is not None and not (is_seed and sampling_seed >= 0):
+        raise UserError(
+            f"sampling_seed must be an integer >= 0 (kept as secret as the data), got {sampling_seed!r}; leave it "
+            "out to draw the batches from the OS's entropy."
+        )
     if distributed and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         raise UserError(
             "distributed=True needs torch.distributed initialised: start with `accelerate launch` (or torchrun) "
@@ -420,6 +440,19 @@ def _warn_weak_sampling(sample_rate: float, dataset_size: int) -> None:
             f"The logical batch covers the whole dataset (sample rate q = 1, N = {dataset_size} rows): there is no "
             "privacy amplification by subsampling, so each step costs the full Gaussian mechanism. Use a logical "
             "batch smaller than the dataset (for example N / 10 or less) for a better epsilon.",
+            PrivacyWarning,
+            stacklevel=3,
+        )
+
+
+def _warn_unchecked_rate(sample_rate: float, data_loader: DataLoader) -> None:
+    """poisson_sampling=False: the loader's own batches are used, and the accountant is told q; warn if they differ."""
+    loader_rate = 1 / len(data_loader)
+    if not math.isclose(sample_rate, loader_rate, rel_tol=1e-6):
+        warnings.warn(
+            f"sample_rate = {sample_rate:.6g} is accounted, but with poisson_sampling=False the loader's own batches "
+            f"train: {len(data_loader)} per epoch (rate {loader_rate:.6g}). The guarantee holds only if the loader "
+            "samples each row independently at that rate; otherwise leave poisson_sampling on or sample_rate out.",
             PrivacyWarning,
             stacklevel=3,
         )

@@ -9,6 +9,8 @@ import pytest
 import torch
 from oracle import dit_batch, dit_losses, naive_clipped_sum, private_update, relative_error, tiny_dit
 
+from dp_utils.errors import UserError
+
 REAL, PADDING = 3, 2
 
 
@@ -81,5 +83,5 @@ def test_padding_with_noise_multiplicity(tmp_path, mode):
 def test_a_mask_of_the_wrong_shape_or_dtype_is_refused(tmp_path):
     model = tiny_dit(tmp_path)
     x, t, y, noise = dit_batch(4)
-    with pytest.raises(ValueError, match=r"mask must be a bool tensor of shape \(4,\)"):
+    with pytest.raises(UserError, match=r"mask must be a bool tensor of shape \(4,\)"):
         private_update(model, dit_losses, (x, t, y, noise), 1.0, "flash_bk", 4, mask=torch.ones(4))

@@ -31,9 +31,8 @@ def private_dit(tmp_path, **kwargs):
         data_loader=DataLoader(dataset(), batch_size=12),
         sample_rate=RATE,
         max_grad_norm=1.0,
-        max_physical_batch_size=SIZE,
         sampling_seed=7,
-        **{"noise_multiplier": 1.0, **kwargs},
+        **{"noise_multiplier": 1.0, "max_physical_batch_size": SIZE, **kwargs},
     )
 
 
@@ -175,3 +174,10 @@ def test_a_logical_batch_left_early_is_dropped_not_added_to_the_next_step(tmp_pa
         break
     assert all(p.grad.abs().sum() == 0 for p in module.parameters())  # dropped when the loop was left
     assert not optimizer._skip_next and not optimizer.privacy_engine.accountant.history
+
+
+def test_a_physical_batch_is_never_padded_past_the_dataset_size(tmp_path):
+    """A Poisson batch never holds more than N rows: rows past N would only ever be padding."""
+    _, _, _, _, loader = private_dit(tmp_path, max_physical_batch_size=10 * ROWS)
+    (x, *_), mask = next(iter(loader))
+    assert len(x) == len(mask) == ROWS

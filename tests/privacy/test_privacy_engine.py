@@ -130,7 +130,7 @@ def test_empty_poisson_batch_still_steps():
 def test_criterion_of_the_wrong_shape():
     _, (module, _, criterion, loader) = setup(criterion=nn.MSELoss(), poisson_sampling=False)
     x, y = next(iter(loader))
-    with pytest.raises(ValueError, match=r"one loss per example, shape \(8,\).*returned \(\).*per_sample_mse"):
+    with pytest.raises(UserError, match=r"one loss per example, shape \(8,\).*returned \(\).*per_sample_mse"):
         criterion(module(x), y)
 
 
@@ -189,6 +189,11 @@ TARGET = {"noise_multiplier": None, "target_epsilon": 3.0, "target_delta": 1e-5,
         ({"mode": "ghost"}, "grad_sample_mode must be one of"),
         ({"accountant": "moments"}, r"accountant must be one of \('prv', 'rdp', 'gdp'\), got 'moments'"),
         ({"distributed": True}, "distributed=True needs torch.distributed initialised"),
+        ({"noise_generator": 123}, "noise_generator must be a torch.Generator .*, got int"),
+        ({"sampling_seed": -1}, "sampling_seed must be an integer >= 0 .*, got -1"),
+        ({"sampling_seed": 1.5}, "sampling_seed must be an integer >= 0 .*, got 1.5"),
+        ({"sampling_seed": True}, "sampling_seed must be an integer >= 0 .*, got True"),
+        ({"sampling_seed": "abc"}, "sampling_seed must be an integer >= 0 .*, got 'abc'"),
     ],
 )
 def test_invalid_arguments_raise_user_error_before_the_model_is_touched(kwargs, message):
@@ -360,6 +365,26 @@ def test_whole_dataset_batches_warn_that_there_is_no_subsampling():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         setup(rows=16, batch_size=4)  # q = 1/4: no warning
+
+
+def test_a_sample_rate_the_callers_own_batches_do_not_have_warns():
+    with pytest.warns(PrivacyWarning, match=r"sample_rate = 0.1 is accounted.*4 per epoch \(rate 0.25\)"):
+        setup(rows=16, batch_size=4, poisson_sampling=False, sample_rate=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        setup(rows=16, batch_size=4, poisson_sampling=False, sample_rate=0.25)  # what the loader does: no warning
+        setup(rows=16, batch_size=4, sample_rate=0.1)  # Poisson sampling at q: the loader is rebuilt at that rate
+
+
+def test_the_criterion_refuses_a_prediction_that_is_no_tensor_and_losses_outside_autograd():
+    model, (module, _, criterion, _) = setup()
+    x, target = torch.randn(8, 5, dtype=torch.float64), torch.randn(8, 3, dtype=torch.float64)
+    with pytest.raises(UserError, match="first argument must be the model's prediction.*got list"):
+        criterion([module(x)], target)
+    detached = criterion(module(x).detach(), target)
+    with pytest.raises(UserError, match="losses do not depend on the model's parameters"):
+        detached.backward()
+    assert all(p.grad is None or not p.grad.any() for p in model.parameters())
 
 
 def test_a_delta_of_1_over_n_or_more_warns_once():
