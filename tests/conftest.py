@@ -47,6 +47,7 @@ def cuda_graph_stand_ins(monkeypatch) -> list:
 
     stream = types.SimpleNamespace(wait_stream=lambda other: None)
     monkeypatch.setattr(privacy_engine, "check_cuda_graphs", lambda *args: None)
+    monkeypatch.setattr(cuda_graphs, "check_cuda_device", lambda *args: None)
     monkeypatch.setattr(cuda_graphs, "capture_graph", capture)
     monkeypatch.setattr(torch.cuda, "Stream", lambda: stream)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda: stream)

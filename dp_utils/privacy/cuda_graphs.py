@@ -30,8 +30,7 @@ RECAPTURE_WARNING = 10  # captures of the noisy step in a row that earn a warnin
 
 def check_cuda_graphs(module: torch.nn.Module, grad_sample_mode: str, generator: torch.Generator | None) -> None:
     """Refuse, naming the reason, what cannot be captured here."""
-    if not torch.cuda.is_available():
-        raise UserError("cuda_graphs needs a CUDA device; on CPU run without it (--no_cuda_graphs).")
+    check_cuda_device("cuda_graphs", "run without it (--no_cuda_graphs)")
     if not hasattr(torch.cuda.CUDAGraph, "register_generator_state"):
         raise UserError(
             f"cuda_graphs needs torch.cuda.CUDAGraph.register_generator_state (torch >= 2.5; this is "
@@ -43,6 +42,11 @@ def check_cuda_graphs(module: torch.nn.Module, grad_sample_mode: str, generator:
         raise UserError("cuda_graphs needs the model on the CUDA device before make_private: call model.cuda().")
     if generator is not None and generator.device.type != "cuda":
         raise UserError("cuda_graphs needs the noise generator on the CUDA device (torch.Generator('cuda')).")
+
+
+def check_cuda_device(what: str, instead: str) -> None:
+    if not torch.cuda.is_available():
+        raise UserError(f"{what} needs a CUDA device; on CPU {instead}.")
 
 
 def make_capturable(optimizer: torch.optim.Optimizer) -> None:
@@ -122,6 +126,12 @@ class CudaGraphedStep:
     per-row losses (a static tensor, overwritten by the next call)."""
 
     def __init__(self, physical_step: Callable[..., DPLoss]):
+        if not callable(physical_step):
+            raise UserError(
+                f"CudaGraphedStep takes the physical step function (tensors -> the criterion's DPLoss), got "
+                f"{type(physical_step).__name__}."
+            )
+        check_cuda_device("dp_utils.CudaGraphedStep", "call the physical step function itself")
         self.physical_step = physical_step
         self.calls = 0
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -136,6 +146,9 @@ class CudaGraphedStep:
                 static.copy_(new, non_blocking=True)
             self.graph.replay()
             return self.static_losses
+        if not all(isinstance(x, torch.Tensor) for x in inputs):
+            got = [type(x).__name__ for x in inputs]
+            raise UserError(f"A graphed step takes tensors only (replayed through static copies), got {got}.")
         self.calls += 1
         if self.calls <= WARMUP_STEPS:
             return self._eager(inputs)
@@ -154,6 +167,12 @@ class CudaGraphedStep:
         self._side_stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(self._side_stream):
             loss = self.physical_step(*inputs)
+            if not isinstance(loss, DPLoss):
+                raise UserError(
+                    "The physical step of CudaGraphedStep must return the private criterion's DPLoss "
+                    f"(criterion(prediction, target, mask=mask)), not {type(loss).__name__}: the graph records its "
+                    "clipped backward."
+                )
             loss.backward()
             losses = loss.losses.detach()
         torch.cuda.current_stream().wait_stream(self._side_stream)
@@ -162,7 +181,7 @@ class CudaGraphedStep:
     def _check_shapes(self, inputs: tuple[torch.Tensor, ...]) -> None:
         shapes, captured = [(x.shape, x.dtype) for x in inputs], [(x.shape, x.dtype) for x in self.static_inputs]
         if shapes != captured:
-            raise ValueError(
+            raise UserError(
                 f"A graphed step replays one shape; got {shapes}, captured {captured}. Pad every physical batch to "
                 "max_physical_batch_size rows (make_private's loader does)."
             )

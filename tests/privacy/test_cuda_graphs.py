@@ -96,6 +96,29 @@ def test_adam_gets_a_device_lr_that_a_schedule_fills_in_place(tmp_path):
     assert isinstance(group["lr"], torch.Tensor) and group["lr"].item() == pytest.approx(1e-4)
 
 
+def test_a_graphed_step_refuses_what_it_cannot_capture(tmp_path, monkeypatch):
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="CudaGraphedStep needs a CUDA device; on CPU call the physical step"):
+            dp_utils.CudaGraphedStep(lambda x: x)
+    monkeypatch.setattr(cuda_graphs, "check_cuda_device", lambda *args: None)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda: None)
+    with pytest.raises(UserError, match="takes the physical step function .* got int"):
+        dp_utils.CudaGraphedStep(3)
+    with pytest.raises(UserError, match=r"takes tensors only .* got \['Tensor', 'NoneType'\]"):
+        dp_utils.CudaGraphedStep(lambda *inputs: None)(torch.zeros(2), None)
+
+
+def test_a_graphed_step_must_return_the_private_criterions_loss(tmp_path, cuda_graph_stand_ins):
+    model = tiny_dit(tmp_path)
+    _, _, criterion, _ = private(model, 0.0, cuda_graphs=True)
+    x, t, y, noise = dit_batch(ROWS)
+    graphed = dp_utils.CudaGraphedStep(
+        lambda x, t, y, noise: criterion(model(x, timestep=t, class_labels=y).sample[:, :4], noise).losses
+    )
+    with pytest.raises(UserError, match="must return the private criterion's DPLoss .* not Tensor"):
+        graphed(x, t, y, noise)
+
+
 def train(tmp_path, graphs: bool, device: str, optimizer_class=torch.optim.AdamW, steps: int = 7) -> dict:
     """The parameters after `steps` steps on batches that differ from step to step (noise off)."""
     torch.manual_seed(0)
