@@ -446,6 +446,8 @@ def main(args):
         public_finisher(args, dataset.class_names if dataset.conditional else None)  # likewise
     plan = plan_run(len(dataset), args.logical_batch_size, args.max_train_steps, args.num_train_epochs, args.delta)
     check_data(args, plan.num_images, dataset.num_classes, dataset.conditional, plan.delta)
+    # a Poisson batch never holds more than N images: rows past N would only ever be padding
+    args.max_physical_batch_size = min(args.max_physical_batch_size, plan.num_images)
     for warning in run_warnings(plan.num_images, args.logical_batch_size, plan.delta):
         logger.warning(warning)
 

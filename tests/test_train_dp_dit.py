@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 
@@ -289,25 +290,16 @@ def test_resume_with_other_privacy_flags_is_refused(tmp_path, pixel_pipeline, di
         )
 
 
-def test_noise_free_baseline_reports_no_guarantee(tmp_path, pixel_pipeline, digits_cache):
+def test_noise_free_baseline_reports_no_guarantee(tmp_path, pixel_pipeline, digits_cache, capfd):
+    """Also: a physical batch larger than the dataset is cut to N rows (past N there would only be padding)."""
     out = tmp_path / "out"
-    run_in_process(
-        *pixel_args(
-            pixel_pipeline,
-            digits_cache,
-            out,
-            "--noise_multiplier",
-            0,
-            "--max_grad_norm",
-            1e6,
-            "--max_train_steps",
-            2,
-            "--report_to",
-            "none",
-        )
-    )
+    flags = ["--noise_multiplier", 0, "--max_grad_norm", 1e6, "--max_train_steps", 2, "--report_to", "none"]
+    run_in_process(*pixel_args(pixel_pipeline, digits_cache, out, *flags, "--max_physical_batch_size", 10**5))
     assert json.loads((out / "privacy_report.json").read_text())["epsilon"] is None
     assert "no privacy guarantee" in (out / "README.md").read_text()
+    log = capfd.readouterr().err
+    n = re.search(r"Num examples \(N\) = (\d+)", log).group(1)
+    assert f"physical batches of at most {n} per process" in log
 
 
 def test_the_cuda_graph_path_trains_as_the_eager_one(tmp_path, pixel_pipeline, digits_cache, cuda_graph_stand_ins):
