@@ -238,7 +238,29 @@ def main(args):
 
 
 def parse_args(input_args=None):
-    return build_parser(__doc__).parse_args(input_args)
+    parser = build_parser(__doc__)
+    return check_step_args(parser, parser.parse_args(input_args))
+
+
+def check_step_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
+    """What the flags' types cannot check (also `interleaved_step.py`'s)."""
+    if args.latent_size % 2:
+        parser.error(f"--latent_size must be even (the DiT's patch size is 2), got {args.latent_size}.")
+    if args.cuda_graphs and not torch.cuda.is_available():
+        parser.error("--cuda_graphs needs a CUDA device; leave it out on CPU.")
+    return args
+
+
+def at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= minimum."""
+
+    def integer(text: str) -> int:
+        value = int(text)  # not an integer: argparse says "invalid integer value"
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text}")
+        return value
+
+    return integer
 
 
 def build_parser(description: str) -> argparse.ArgumentParser:
@@ -250,8 +272,10 @@ def build_parser(description: str) -> argparse.ArgumentParser:
         default="DiT-S/2",
         help="DiT preset (patch size 2); XL-proxy: DiT-XL/2's 28 blocks, 2 heads of 32 (a step bound by the host).",
     )
-    parser.add_argument("--latent_size", type=int, default=16, help="Latent height and width (32 for 256px).")
-    parser.add_argument("--batch_size", type=int, default=16, help="Examples per step.")
+    parser.add_argument(
+        "--latent_size", type=at_least(2), default=16, help="Latent height and width, even (32 for 256px)."
+    )
+    parser.add_argument("--batch_size", type=at_least(1), default=16, help="Examples per step.")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (fp32 otherwise).")
     parser.add_argument(
         "--gradient_checkpointing", action="store_true", help="diffusers' enable_gradient_checkpointing() on the DiT."
@@ -263,9 +287,9 @@ def build_parser(description: str) -> argparse.ArgumentParser:
         "make_private(cuda_graphs=True)).",
     )
     parser.add_argument("--attention_backend", choices=ATTENTION_BACKENDS, help="diffusers' attention dispatcher.")
-    parser.add_argument("--steps", type=int, default=5, help="Timed steps per mode; the median is reported.")
-    parser.add_argument("--warmup", type=int, default=2, help="Untimed steps before timing.")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default).")
+    parser.add_argument("--steps", type=at_least(1), default=5, help="Timed steps per mode; the median is reported.")
+    parser.add_argument("--warmup", type=at_least(0), default=2, help="Untimed steps before timing.")
+    parser.add_argument("--threads", type=at_least(0), default=0, help="torch CPU threads (0: torch's default).")
     parser.add_argument(
         "--default_malloc", action="store_true", help="CPU: leave glibc's malloc thresholds at their defaults."
     )

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.bench_step import build_model, build_parser, training_step  # noqa: E402
+from benchmarks.bench_step import build_model, build_parser, check_step_args, training_step  # noqa: E402
 from benchmarks.profiling import prepare_process  # noqa: E402
 
 
@@ -60,7 +60,7 @@ def parse_args(input_args=None):
     parser.add_argument("--rounds", type=int, default=12, help="Rounds of one block per mode; the first is untimed.")
     parser.add_argument("--block", type=int, default=6, help="Consecutive steps of one mode per round.")
     parser.add_argument("--settle", type=int, default=2, help="Untimed steps at the start of each block.")
-    args = parser.parse_args(input_args)
+    args = check_step_args(parser, parser.parse_args(input_args))
     if args.rounds < 2 or not 0 <= args.settle < args.block:
         parser.error("need --rounds >= 2 and 0 <= --settle < --block")
     return args
