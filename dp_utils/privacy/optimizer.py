@@ -113,6 +113,11 @@ class DPOptimizer(torch.optim.Optimizer):
         """The next step() ends a physical batch, not the logical batch: it keeps the sums and takes no step."""
         self._skip_next = do_skip
 
+    @property
+    def mid_logical_batch(self) -> bool:
+        """A physical batch that is not its logical batch's last is out (or stepped): the sums are partial."""
+        return self._skip_next or self._last_step_skipped
+
     def abandon_logical_batch(self) -> None:
         """A logical batch left before its last physical batch: its sums are dropped (never noised or used), so
         that they cannot join the next logical batch's step."""

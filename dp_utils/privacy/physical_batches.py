@@ -58,8 +58,11 @@ class PhysicalBatchLoader:
 
     def __iter__(self) -> Iterator[tuple[Any, torch.Tensor]]:
         """Our DP optimizer (not Opacus'): a physical batch not followed by `optimizer.step()` is refused (its sums
-        would join another step than their logical batch's), and a logical batch left early (`break`) is dropped."""
+        would join another step than their logical batch's), and a logical batch left early (`break`, or an iterator
+        dropped) is dropped."""
         checked = hasattr(self.optimizer, "abandon_logical_batch")
+        if checked and self.optimizer.mid_logical_batch:  # an earlier iterator still open inside a logical batch
+            self.optimizer.abandon_logical_batch()
         for batch in self.data_loader:
             count = max(1, math.ceil(batch_rows(batch) / self.size))
             for index in range(count):
@@ -68,7 +71,7 @@ class PhysicalBatchLoader:
                 try:
                     yield pad_rows(batch, index * self.size, self.size)
                 except GeneratorExit:
-                    if checked and index < count - 1:
+                    if checked and self.optimizer.mid_logical_batch:
                         self.optimizer.abandon_logical_batch()
                     raise
                 if checked and self.optimizer.steps_called == steps:

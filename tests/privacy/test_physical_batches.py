@@ -181,3 +181,17 @@ def test_a_physical_batch_is_never_padded_past_the_dataset_size(tmp_path):
     _, _, _, _, loader = private_dit(tmp_path, max_physical_batch_size=10 * ROWS)
     (x, *_), mask = next(iter(loader))
     assert len(x) == len(mask) == ROWS
+
+
+def test_a_logical_batch_of_an_iterator_left_open_is_dropped_when_the_loader_starts_again(tmp_path):
+    _, module, optimizer, criterion, loader = private_dit(tmp_path, noise_multiplier=0.0)
+    optimizer.zero_grad()
+    left_open = iter(loader)  # never closed: both iterators stay alive to the end of the test
+    (x, t, y, noise), mask = next(left_open)
+    criterion(module(x, timestep=t, class_labels=y).sample[:, :4], noise, mask=mask).backward()
+    optimizer.step()  # skipped: the logical batch has more physical batches
+    optimizer.zero_grad()
+    assert optimizer.mid_logical_batch and any(p.grad.any() for p in module.parameters())
+    restarted = iter(loader)
+    next(restarted)
+    assert all(p.grad.abs().sum() == 0 for p in module.parameters())
