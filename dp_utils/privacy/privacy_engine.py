@@ -111,9 +111,9 @@ class PrivacyEngine:
         Sampling: q is `sample_rate` or Opacus' 1 / len(data_loader), N is `dataset_size` or the loader's dataset
         size, and the noisy sum is divided by q N; a caller that samples its own batches passes both and no loader.
         `max_physical_batch_size=P`: the loader yields each logical batch as `(batch, mask)` physical batches of
-        exactly P rows (padding rows zero, False in the mask); pass `mask=` to the criterion and step after each
-        (the optimizer steps after a logical batch's last). `cuda_graphs=True` captures the noisy step after a few
-        eager ones; wrap the physical step in `dp_utils.CudaGraphedStep` to capture it too.
+        exactly P rows (N if fewer; padding rows zero, False in the mask); pass `mask=` to the criterion and step
+        after each (the optimizer steps after a logical batch's last). `cuda_graphs=True` captures the noisy step
+        after a few eager ones; wrap the physical step in `dp_utils.CudaGraphedStep` to capture it too.
 
         Noise and batches come from the OS's entropy unless `noise_generator` / `sampling_seed` are given: keep
         those as secret as the data. Input contract (what the accounting assumes): every layer sees the batch
