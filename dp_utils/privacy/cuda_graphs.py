@@ -49,18 +49,26 @@ def check_cuda_device(what: str, instead: str) -> None:
         raise UserError(f"{what} needs a CUDA device; on CPU {instead}.")
 
 
-def make_capturable(optimizer: torch.optim.Optimizer) -> None:
-    """Adam/AdamW (the optimizers with a `capturable` option) keep their step counter and their learning rate on the
-    device inside a graph: the lr becomes a 0-dim tensor on the parameters' device, which a replay reads and an lr
-    scheduler fills in place. Again after a load_state_dict that brought it back as a number or on the CPU. Any
+def set_capturable(optimizer: torch.optim.Optimizer, capturable: bool) -> None:
+    """Adam/AdamW (the optimizers with a `capturable` option) as a captured step needs them: step counters and the
+    learning rate on the parameters' device, the lr a 0-dim tensor that a replay reads and an lr scheduler fills in
+    place; or as an eager step needs them (`capturable=False`, the lr a number). Again after a load_state_dict,
+    which brings back what the saving run had (an eager run's step counters on the CPU, a graphed run's flag). Any
     other optimizer's numbers are baked into the graph: `GraphedNoisyStep` captures it again when they change."""
     for group in optimizer.param_groups:
         if "capturable" not in group or not group["params"]:
             continue
-        group["capturable"] = True
+        group["capturable"] = capturable
         lr, device = group["lr"], group["params"][0].device
+        if not capturable:
+            group["lr"] = float(lr)
+            continue
         if not (isinstance(lr, torch.Tensor) and lr.device == device):
             group["lr"] = torch.tensor(float(lr), device=device)
+        for p in group["params"]:
+            step = optimizer.state.get(p, {}).get("step")
+            if isinstance(step, torch.Tensor) and step.device != p.device:
+                optimizer.state[p]["step"] = step.to(p.device, torch.float32)
 
 
 def capture_graph(fn: Callable[[], None], generator: torch.Generator | None = None) -> torch.cuda.CUDAGraph:
@@ -104,7 +112,7 @@ class GraphedNoisyStep:
             return
         if self.graph is None or hyperparameters(self.optimizer) != self.captured_with:
             self.graph = None  # the old graph's memory goes back before the new capture
-            make_capturable(self.optimizer)
+            set_capturable(self.optimizer, True)
             self.captured_with = hyperparameters(self.optimizer)
             self.graph = capture_graph(self.noisy_step, self.generator)
             self.captures_in_a_row += 1

@@ -21,7 +21,7 @@ from collections.abc import Callable
 import torch
 
 from ..clipping.engine import ClippingEngine
-from .cuda_graphs import GraphedNoisyStep, make_capturable
+from .cuda_graphs import GraphedNoisyStep, set_capturable
 from .noise import NoiseAhead, add_noise_foreach_, add_secure_noise_, tensor_chunks
 
 BUCKET_NUMEL = 25_000_000  # elements per all-reduce of the clipped sums
@@ -84,8 +84,9 @@ class DPOptimizer(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.original_optimizer.load_state_dict(state_dict)
-        if self.graphed_step is not None:  # the loaded lr may be a number or a CPU tensor again
-            make_capturable(self.original_optimizer)
+        set_capturable(self.original_optimizer, self.graphed_step is not None)  # whatever run saved the state
+        if self.graphed_step is not None:
+            self.graphed_step.graph = None  # it holds the replaced state tensors: capture again
 
     def discard_noise_ahead(self) -> None:
         """Before saving the noise generator's state: the next step's noise, drawn ahead into the buffers on CPU,
@@ -98,7 +99,7 @@ class DPOptimizer(torch.optim.Optimizer):
 
     def use_cuda_graphs(self) -> None:
         """Noise, all-reduce and the wrapped step as one CUDA graph after a few eager steps (`GraphedNoisyStep`)."""
-        make_capturable(self.original_optimizer)
+        set_capturable(self.original_optimizer, True)
 
         def noisy_step() -> None:
             self.add_noise()

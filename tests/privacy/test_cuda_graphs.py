@@ -81,7 +81,7 @@ def test_every_graphed_step_adds_noise_of_std_sigma_c_over_b_once(tmp_path, cuda
 def test_adam_gets_a_device_lr_that_a_schedule_fills_in_place(tmp_path):
     model = tiny_dit(tmp_path)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    cuda_graphs.make_capturable(optimizer)
+    cuda_graphs.set_capturable(optimizer, True)
     group = optimizer.param_groups[0]
     lr = group["lr"]
     assert group["capturable"] and isinstance(lr, torch.Tensor) and lr.device == next(model.parameters()).device
@@ -92,7 +92,7 @@ def test_adam_gets_a_device_lr_that_a_schedule_fills_in_place(tmp_path):
     assert cuda_graphs.hyperparameters(optimizer) == before  # no new capture needed
     group["lr"] = 1e-4  # e.g. a load_state_dict: a number again
     assert cuda_graphs.hyperparameters(optimizer) != before
-    cuda_graphs.make_capturable(optimizer)
+    cuda_graphs.set_capturable(optimizer, True)
     assert isinstance(group["lr"], torch.Tensor) and group["lr"].item() == pytest.approx(1e-4)
 
 
@@ -194,6 +194,55 @@ def test_a_loaded_state_keeps_the_graphed_optimizer_capturable(tmp_path, cuda_gr
     assert (
         isinstance(lr, torch.Tensor) and lr.item() == pytest.approx(2e-3) and optimizer.param_groups[0]["capturable"]
     )
+
+
+def test_a_state_loaded_after_the_capture_is_captured_again(tmp_path, cuda_graph_stand_ins):
+    """Loading replaces the optimizer's state tensors (Adam's moments), which the graph holds (SGD here: a capturable
+    Adam cannot step on the CPU)."""
+    model = tiny_dit(tmp_path)
+    model, optimizer, criterion, _ = private(model, 1.0, True, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    x, t, y, noise = dit_batch(ROWS)
+    for _ in range(5):
+        criterion(model(x, timestep=t, class_labels=y).sample[:, :4], noise).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert len(cuda_graph_stand_ins) == 1
+    optimizer.load_state_dict(optimizer.state_dict())
+    criterion(model(x, timestep=t, class_labels=y).sample[:, :4], noise).backward()
+    optimizer.step()
+    assert len(cuda_graph_stand_ins) == 2
+
+
+def test_a_state_saved_by_a_graphed_run_steps_in_an_eager_one(tmp_path):
+    """A capturable AdamW cannot step on the CPU: the loaded flag and the tensor lr become the eager run's."""
+    model = tiny_dit(tmp_path)
+    model, optimizer, criterion, _ = private(model, 1.0, False, lr=1e-3)
+    saved = optimizer.state_dict()
+    saved["param_groups"][0].update(capturable=True, lr=torch.tensor(2e-3))
+    optimizer.load_state_dict(saved)
+    group = optimizer.param_groups[0]
+    assert group["capturable"] is False and group["lr"] == pytest.approx(2e-3) and isinstance(group["lr"], float)
+    x, t, y, noise = dit_batch(ROWS)
+    criterion(model(x, timestep=t, class_labels=y).sample[:, :4], noise).backward()
+    optimizer.step()
+
+
+@cuda
+def test_a_state_saved_by_an_eager_run_is_captured_with_its_step_counters_on_the_device(tmp_path):
+    """torch leaves a non-capturable Adam's step counters on the CPU, where a capturable one cannot step."""
+    model = tiny_dit(tmp_path).cuda()
+    model, optimizer, criterion, _ = private(model, 1.0, True, lr=1e-3)
+    eager = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    eager.step()  # its state: step counters on the CPU
+    optimizer.load_state_dict(eager.state_dict())
+    assert all(s["step"].device.type == "cuda" for s in optimizer.state.values())
+    x, t, y, noise = (b.cuda() for b in dit_batch(ROWS))
+    for _ in range(5):  # 3 eager steps, the capture, a replay
+        criterion(model(x, timestep=t, class_labels=y).sample[:, :4], noise).backward()
+        optimizer.step()
+        optimizer.zero_grad()
 
 
 def test_a_step_captured_again_every_time_warns_once(cuda_graph_stand_ins, recwarn):
