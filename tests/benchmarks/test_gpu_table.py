@@ -23,7 +23,7 @@ def test_the_table_of_real_records_compares_flash_bk_with_non_private():
 def test_flash_bk_is_compared_with_the_faster_non_private_step():
     def record(batch, mode, graphs, samples, gib):
         return dict(
-            mode=mode, batch_size=batch, cuda_graphs=graphs, samples_per_s=samples, peak_gib=gib, device="cuda"
+            mode=mode, batch_size=batch, cuda_graphs=graphs, samples_per_s=samples, peak_gib=gib, device="NVIDIA H200"
         )
 
     found = [
