@@ -44,6 +44,7 @@ from tqdm.auto import tqdm
 import dp_utils
 from dp_utils.data.latent_cache import LatentDataset, load_latent_cache
 from dp_utils.errors import UserError, run_script
+from dp_utils.privacy.cuda_graphs import CHECKPOINTING_CAPTURABLE
 from dp_utils.privacy.randomness import REPRODUCIBLE_NOISE_WARNING, DPRandomness
 from dp_utils.privacy.sampling import PoissonBatchSampler
 from dp_utils.training.adapters import TrainedParameters, lora_config, select_trainable, trained_parameters
@@ -222,7 +223,9 @@ def cuda_graphs_wanted(args, accelerator) -> bool:
     """--cuda_graphs as given; by default on where it runs: CUDA, our engine, a torch that can capture the noise."""
     if args.cuda_graphs is not None:
         return args.cuda_graphs
-    supported = hasattr(torch.cuda.CUDAGraph, "register_generator_state")
+    supported = hasattr(torch.cuda.CUDAGraph, "register_generator_state") and (
+        CHECKPOINTING_CAPTURABLE or not args.gradient_checkpointing
+    )
     return accelerator.device.type == "cuda" and args.grad_sample_mode in ("flash_bk", "flash") and supported
 
 

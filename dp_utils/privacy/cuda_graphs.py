@@ -25,6 +25,8 @@ from ..clipping.losses import DPLoss
 from ..errors import UserError
 
 WARMUP_STEPS = 3  # eager steps before a capture (PyTorch's guidance: a few, on a side stream)
+# torch.utils.checkpoint rewinds the CUDA generator, which a capture refuses before torch 2.10 (pytorch#162504)
+CHECKPOINTING_CAPTURABLE = torch.torch_version.TorchVersion(torch.__version__) >= "2.10"
 RECAPTURE_WARNING = 10  # captures of the noisy step in a row that earn a warning
 
 
@@ -38,6 +40,11 @@ def check_cuda_graphs(module: torch.nn.Module, grad_sample_mode: str, generator:
         )
     if grad_sample_mode not in ("flash_bk", "flash"):
         raise UserError(f"cuda_graphs needs grad_sample_mode flash_bk or flash, not {grad_sample_mode}.")
+    if getattr(module, "is_gradient_checkpointing", False) and not CHECKPOINTING_CAPTURABLE:
+        raise UserError(
+            f"cuda_graphs with gradient checkpointing needs torch >= 2.10 (this is {torch.__version__}): upgrade "
+            "torch, or turn one of them off (--no_cuda_graphs)."
+        )
     if any(p.device.type != "cuda" for p in module.parameters() if p.requires_grad):
         raise UserError("cuda_graphs needs the model on the CUDA device before make_private: call model.cuda().")
     if generator is not None and generator.device.type != "cuda":

@@ -271,7 +271,8 @@ def build_parser(description: str) -> argparse.ArgumentParser:
         action="store_true",
         default=None,
         help="Replay each physical batch's forward and clipped backward, and the noisy optimizer step, as CUDA "
-        "graphs (no host work in the step). Default: on with CUDA and flash_bk/flash, off otherwise.",
+        "graphs (no host work in the step). Default: on with CUDA and flash_bk/flash (with gradient checkpointing: "
+        "from torch 2.10), off otherwise.",
     )
     train.add_argument(
         "--no_cuda_graphs",

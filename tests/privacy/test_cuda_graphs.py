@@ -96,6 +96,19 @@ def test_adam_gets_a_device_lr_that_a_schedule_fills_in_place(tmp_path):
     assert isinstance(group["lr"], torch.Tensor) and group["lr"].item() == pytest.approx(1e-4)
 
 
+def test_gradient_checkpointing_is_refused_where_torch_cannot_capture_it(tmp_path, monkeypatch):
+    model = tiny_dit(tmp_path)
+    model.enable_gradient_checkpointing()
+    monkeypatch.setattr(cuda_graphs, "check_cuda_device", lambda *args: None)
+    monkeypatch.setattr(torch.cuda.CUDAGraph, "register_generator_state", None, raising=False)  # CUDA builds have it
+    monkeypatch.setattr(cuda_graphs, "CHECKPOINTING_CAPTURABLE", False)  # torch < 2.10
+    with pytest.raises(UserError, match=r"gradient checkpointing needs torch >= 2.10 .*--no_cuda_graphs"):
+        cuda_graphs.check_cuda_graphs(model, "flash_bk", None)
+    monkeypatch.setattr(cuda_graphs, "CHECKPOINTING_CAPTURABLE", True)
+    with pytest.raises(UserError, match="the model on the CUDA device"):  # the next check
+        cuda_graphs.check_cuda_graphs(model, "flash_bk", None)
+
+
 def test_a_graphed_step_refuses_what_it_cannot_capture(tmp_path, monkeypatch):
     if not torch.cuda.is_available():
         with pytest.raises(UserError, match="CudaGraphedStep needs a CUDA device; on CPU call the physical step"):
