@@ -72,6 +72,8 @@ def set_capturable(optimizer: torch.optim.Optimizer, capturable: bool) -> None:
             continue
         if not (isinstance(lr, torch.Tensor) and lr.device == device):
             group["lr"] = torch.tensor(float(lr), device=device)
+        # torch warns once that a capturable step runs uncaptured, advising capturable=False: our eager warm-up does
+        optimizer._warned_capturable_if_run_uncaptured = True
         for p in group["params"]:
             step = optimizer.state.get(p, {}).get("step")
             if isinstance(step, torch.Tensor) and step.device != p.device:
