@@ -121,7 +121,9 @@ class DPOptimizer(torch.optim.Optimizer):
 
     def abandon_logical_batch(self) -> None:
         """A logical batch left before its last physical batch: its sums are dropped (never noised or used), so
-        that they cannot join the next logical batch's step."""
+        that they cannot join the next logical batch's step. Between logical batches there is nothing to drop."""
+        if not self.mid_logical_batch:
+            return
         self._skip_next = self._last_step_skipped = False
         self.zero_grad()
 

@@ -61,17 +61,17 @@ class PhysicalBatchLoader:
         would join another step than their logical batch's), and a logical batch left early (`break`, or an iterator
         dropped) is dropped."""
         checked = hasattr(self.optimizer, "abandon_logical_batch")
-        if checked and self.optimizer.mid_logical_batch:  # an earlier iterator still open inside a logical batch
+        if checked:  # an earlier iterator may still be open inside a logical batch
             self.optimizer.abandon_logical_batch()
         for batch in self.data_loader:
             count = max(1, math.ceil(batch_rows(batch) / self.size))
             for index in range(count):
                 self.optimizer.signal_skip_step(do_skip=index < count - 1)
-                steps = getattr(self.optimizer, "steps_called", 0)
+                steps = self.optimizer.steps_called if checked else 0
                 try:
                     yield pad_rows(batch, index * self.size, self.size)
                 except GeneratorExit:
-                    if checked and self.optimizer.mid_logical_batch:
+                    if checked:
                         self.optimizer.abandon_logical_batch()
                     raise
                 if checked and self.optimizer.steps_called == steps:
